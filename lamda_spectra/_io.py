@@ -1,0 +1,76 @@
+"""Atomic file and folder writes: readers see the old content or the new one, never a part."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from .errors import LamdaError
+
+
+def _check_writable_parent(path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise LamdaError(
+            f"cannot create output directory {path.parent}: {err.strerror}; choose a writable location"
+        ) from err
+    if not os.access(path.parent, os.W_OK):
+        raise LamdaError(f"output directory {path.parent} is not writable; choose a writable location")
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename.
+
+    Raises:
+        LamdaError: if the folder cannot be created or written.
+    """
+    path = Path(path)
+    _check_writable_parent(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write UTF-8 ``text`` to ``path`` atomically (see :func:`atomic_write_bytes`)."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path``; on success its files move into ``path``.
+
+    Files are renamed into ``path`` one by one only after the block completes, so an exception
+    inside the block leaves ``path`` as it was. Existing files in ``path`` with other names are
+    kept; files with the same names are replaced.
+
+    Raises:
+        LamdaError: if ``path`` cannot be created or written.
+    """
+    path = Path(path)
+    _check_writable_parent(path)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield staging
+        path.mkdir(parents=True, exist_ok=True)
+        for item in sorted(staging.iterdir()):
+            target = path / item.name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            os.replace(item, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
