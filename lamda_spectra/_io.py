@@ -74,3 +74,22 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
             os.replace(item, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def check_writable_location(path: str | os.PathLike) -> None:
+    """Check, without creating anything, that ``path`` could be created as a file or folder.
+
+    The nearest existing ancestor must be a writable folder. Commands call this before long work
+    so that a bad output path fails at once and leaves nothing behind.
+
+    Raises:
+        LamdaError: an ancestor is a file, or the nearest existing folder is not writable.
+    """
+    path = Path(path).absolute()
+    ancestor = path.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise LamdaError(f"cannot write {path}: {ancestor} is a file, not a folder; choose another output path")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise LamdaError(f"cannot write {path}: folder {ancestor} is not writable; choose another output path")

@@ -20,10 +20,27 @@ fingerprint         the checkpoint's weights fingerprint (same on every row)
 ==================  ============================================================================
 
 ``DataFrame.attrs`` holds ``source`` (dict: kind, path or repo_id, revision, model_name),
-``fingerprint``, ``top_k`` and ``full_spectrum``.
+``fingerprint``, ``top_k``, ``full_spectrum``, and the counts of spectra ``computed`` and read
+from the cache (``cached``).
 """
 
 from __future__ import annotations
+
+import logging
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ._io import atomic_write_text
+from .cache import SpectraCache
+from .errors import LamdaError, LamdaWarning, SpectrumError, UsageError
+from .sources import Target, WeightSource, open_source, select_targets
+from .spectra import Spectrum, compute_spectrum, spectrum_metrics
 
 SPECTRA_COLUMNS = (
     "module",
@@ -42,3 +59,228 @@ SPECTRA_COLUMNS = (
     "singular_values",
     "fingerprint",
 )
+
+logger = logging.getLogger(__name__)
+
+# Singular values kept per module unless a caller asks for more: enough for a max rank of 64.
+DEFAULT_TOP_K = 64
+
+ProgressCallback = Callable[[int, int, str], None]
+
+
+def scan(
+    source: str | Path | WeightSource,
+    *,
+    revision: str | None = None,
+    target: list[str] | None = None,
+    exclude: list[str] | None = None,
+    top_k: int = DEFAULT_TOP_K,
+    full_spectrum: bool = False,
+    device: str | None = None,
+    cache_dir: str | Path | None = None,
+    use_cache: bool = True,
+    skip_unsupported: bool = False,
+    skip_nonfinite: bool = False,
+    progress: ProgressCallback | None = None,
+) -> pd.DataFrame:
+    """Stream the target weights of a checkpoint and tabulate their spectra.
+
+    Tensors are read one at a time, upcast to float32 (float64 stays float64), and dropped before
+    the next one is read, so peak memory follows the largest target tensor, not the model.
+
+    Args:
+        source: folder, ``.safetensors`` file, Hub repo id, or an opened :class:`WeightSource`.
+        revision: Hub revision (branch, tag or commit); only for repo ids.
+        target: module-name suffixes or regexes selecting modules (default: every linear
+            projection inside the repeated blocks).
+        exclude: module-name suffixes or regexes to drop from the selection.
+        top_k: number of leading singular values to compute per module (capped at its smaller
+            dimension). Plans can use ranks up to this value.
+        full_spectrum: keep every singular value (needed for the effective rank and full plots).
+        device: ``"cpu"`` (default) or ``"cuda"``; where each SVD runs.
+        cache_dir: spectra cache folder (default: ``$LAMDA_SPECTRA_CACHE`` or
+            ``~/.cache/lamda_spectra``).
+        use_cache: read and write the spectra cache.
+        skip_unsupported: skip quantized or packed weights with a warning instead of failing.
+        skip_nonfinite: skip weights holding NaN or Inf with a warning instead of failing.
+        progress: called as ``progress(done, total, module)`` after each module.
+
+    Returns:
+        The spectra table described in this module's docstring, one row per module.
+
+    Raises:
+        SourceError: the checkpoint cannot be resolved or read, or no module matched.
+        SpectrumError: a weight is non-finite or quantized and not skipped.
+        UsageError: invalid ``top_k`` or ``device``.
+    """
+    if top_k < 1:
+        raise UsageError(f"top_k must be a positive number of singular values, got {top_k}")
+    device = _resolve_device(device)
+    weights = source if isinstance(source, WeightSource) else open_source(str(source), revision=revision)
+    targets = select_targets(weights, target, exclude, skip_unsupported=skip_unsupported)
+    cache = SpectraCache(cache_dir) if use_cache else None
+
+    rows = []
+    counts = {"computed": 0, "cached": 0}
+    for done, module in enumerate(targets, start=1):
+        spectrum, origin = _module_spectrum(weights, module, top_k, full_spectrum, device, cache, skip_nonfinite)
+        if spectrum is not None:
+            rows.append(_row(module, spectrum, weights.fingerprint))
+            counts[origin] += 1
+        if progress is not None:
+            progress(done, len(targets), module.module)
+
+    table = pd.DataFrame(rows, columns=list(SPECTRA_COLUMNS))
+    table.attrs.update(
+        source=source_record(weights),
+        fingerprint=weights.fingerprint,
+        top_k=top_k,
+        full_spectrum=full_spectrum,
+        **counts,
+    )
+    return table
+
+
+def source_record(weights: WeightSource) -> dict:
+    """Describe where the weights came from, as plans and reports store it."""
+    record = {"kind": weights.kind, "model_name": weights.model_name}
+    if weights.kind == "hub":
+        record.update(repo_id=weights.repo_id, revision=weights.revision)
+    else:
+        record["path"] = str(Path(weights.source).resolve())
+    return record
+
+
+def _resolve_device(device: str | None) -> torch.device:
+    if device is None:
+        return torch.device("cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as err:
+        raise UsageError(f"invalid device {device!r}: use 'cpu' or 'cuda'") from err
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+    return resolved
+
+
+def _module_spectrum(
+    weights: WeightSource,
+    module: Target,
+    top_k: int,
+    full: bool,
+    device: torch.device,
+    cache: SpectraCache | None,
+    skip_nonfinite: bool,
+) -> tuple[Spectrum | None, str]:
+    """Return the module's spectrum (None when skipped) and whether it was "computed" or "cached"."""
+    k = min(top_k, *module.shape)
+    if cache is not None:
+        cached = cache.load(weights.fingerprint, module.tensor, k, full)
+        if cached is not None:
+            return cached, "cached"
+
+    matrix = _read_matrix(weights, module)
+    bad = _count_nonfinite(matrix)
+    if bad is not None:
+        message = f"tensor {module.tensor} in {weights.source} holds {bad}"
+        if not skip_nonfinite:
+            raise SpectrumError(f"{message}; fix the checkpoint or pass --skip-nonfinite to skip the module")
+        warnings.warn(f"{message}; skipped", LamdaWarning, stacklevel=3)
+        return None, "computed"
+
+    started = time.perf_counter()
+    spectrum = compute_spectrum(matrix, k, full=full, device=device)
+    del matrix
+    logger.debug("%s: %s in %.2f s", module.module, spectrum.method, time.perf_counter() - started)
+    if spectrum.frobenius_sq == 0.0:
+        warnings.warn(
+            f"weight {module.tensor} is all zeros: it gets energy score 0 and the minimum rank",
+            LamdaWarning,
+            stacklevel=3,
+        )
+    if cache is not None:
+        cache.store(weights.fingerprint, module.tensor, spectrum)
+    return spectrum, "computed"
+
+
+def _read_matrix(weights: WeightSource, module: Target) -> torch.Tensor:
+    """Read one weight as a ``(d_out, d_in)`` float32 (or float64) matrix."""
+    stored = weights.read(module.tensor)
+    # Upcast at once: torch's CPU decompositions reject half precision, and half matmuls are slow.
+    matrix = stored.to(torch.float64 if stored.dtype == torch.float64 else torch.float32)
+    del stored
+    if module.layout == "conv1d":
+        matrix = matrix.T
+    return matrix
+
+
+def _count_nonfinite(matrix: torch.Tensor) -> str | None:
+    """Describe the NaN and Inf values of ``matrix``, or return None when it is finite."""
+    if bool(torch.isfinite(matrix).all()):
+        return None
+    nan = int(torch.isnan(matrix).sum())
+    inf = int(torch.isinf(matrix).sum())
+    return f"{nan} NaN and {inf} Inf values"
+
+
+def _row(module: Target, spectrum: Spectrum, fingerprint: str) -> dict:
+    metrics = spectrum_metrics(spectrum)
+    return {
+        "module": module.module,
+        "tensor": module.tensor,
+        "layout": module.layout,
+        "d_out": module.shape[0],
+        "d_in": module.shape[1],
+        "dtype": module.dtype,
+        "frobenius_norm": metrics["frobenius_norm"],
+        "spectral_norm": metrics["spectral_norm"],
+        "stable_rank": metrics["stable_rank"],
+        "effective_rank": metrics["effective_rank"],
+        "n_values": len(spectrum.singular_values),
+        "full": spectrum.full,
+        "method": spectrum.method,
+        "singular_values": np.asarray(spectrum.singular_values, dtype=np.float64),
+        "fingerprint": fingerprint,
+    }
+
+
+def write_spectra_csv(table: pd.DataFrame, path: str | Path) -> Path:
+    """Write a spectra table as CSV atomically; singular values become space-separated floats."""
+    frame = table.copy()
+    frame["singular_values"] = [" ".join(repr(float(v)) for v in values) for values in table["singular_values"]]
+    return atomic_write_text(path, frame.to_csv(index=False))
+
+
+def read_spectra_csv(path: str | Path) -> pd.DataFrame:
+    """Read a spectra table written by :func:`write_spectra_csv`.
+
+    Raises:
+        LamdaError: the file is missing, not CSV, or lacks spectra columns (all of them named).
+    """
+    path = Path(path)
+    try:
+        frame = pd.read_csv(path, keep_default_na=True)
+    except FileNotFoundError as err:
+        raise LamdaError(f"spectra table {path} not found; pass the spectra.csv written by lamda-plan") from err
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise LamdaError(f"spectra table {path} is not a readable CSV file: {err}") from err
+    missing = [column for column in SPECTRA_COLUMNS if column not in frame.columns]
+    if missing:
+        raise LamdaError(
+            f"spectra table {path} lacks columns {', '.join(missing)}; regenerate it with lamda-plan"
+        )
+    try:
+        frame["singular_values"] = [
+            np.array(str(text).split(), dtype=np.float64) if isinstance(text, str) else np.zeros(0)
+            for text in frame["singular_values"]
+        ]
+    except ValueError as err:
+        raise LamdaError(f"spectra table {path} has a malformed singular_values cell: {err}") from err
+    frame["full"] = frame["full"].astype(bool)
+    fingerprints = frame["fingerprint"].unique()
+    frame.attrs.update(
+        fingerprint=str(fingerprints[0]) if len(fingerprints) == 1 else None,
+        full_spectrum=bool(frame["full"].all()) if len(frame) else False,
+        top_k=int(frame["n_values"].max()) if len(frame) else 0,
+    )
+    return frame

@@ -106,3 +106,33 @@ def write_known_spectra(folder: Path, spectra: dict[str, tuple[int, int, list[fl
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
     return folder
+
+
+def write_hub_cache(cache_dir: Path, repo_id: str, folder: Path, *, commit: str = "a" * 40, ref: str = "main") -> Path:
+    """Lay out ``folder``'s files as a Hugging Face Hub cache entry for ``repo_id`` at ``commit``.
+
+    The layout matches what ``huggingface_hub`` writes (``models--org--name`` with ``blobs``,
+    ``snapshots/<commit>`` and ``refs/<ref>``), so offline resolution runs its real code.
+    Returns the snapshot folder.
+    """
+    import hashlib
+    import os
+
+    repo_folder = cache_dir / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo_folder / "snapshots" / commit
+    blobs = repo_folder / "blobs"
+    snapshot.mkdir(parents=True, exist_ok=True)
+    blobs.mkdir(parents=True, exist_ok=True)
+    for path in sorted(folder.iterdir()):
+        if not path.is_file():
+            continue
+        data = path.read_bytes()
+        blob = blobs / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        link = snapshot / path.name
+        if link.exists() or link.is_symlink():
+            link.unlink()
+        os.symlink(os.path.relpath(blob, snapshot), link)
+    (repo_folder / "refs").mkdir(exist_ok=True)
+    (repo_folder / "refs" / ref).write_text(commit)
+    return snapshot

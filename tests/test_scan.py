@@ -1,0 +1,215 @@
+import json
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lamda_spectra.errors import LamdaError, LamdaWarning, SpectrumError
+from lamda_spectra.scan import SPECTRA_COLUMNS, read_spectra_csv, scan, write_spectra_csv
+
+from checkpoints import minilm_path, write_gpt2, write_known_spectra
+
+
+def _exact_singular_values(weight: torch.Tensor) -> np.ndarray:
+    return torch.linalg.svdvals(weight.to(torch.float64)).numpy()
+
+
+def test_minilm_matches_exact_svd():
+    table = scan(minilm_path(), top_k=32, use_cache=False)
+    weights = load_file(str(minilm_path() / "model.safetensors"))
+
+    assert len(table) == 36
+    assert list(table.columns) == list(SPECTRA_COLUMNS)
+    for row in table.itertuples():
+        exact = _exact_singular_values(weights[row.tensor])
+        np.testing.assert_allclose(row.singular_values, exact[: row.n_values], rtol=1e-3)
+        assert row.n_values == 32
+        assert row.frobenius_norm == pytest.approx(float(np.sqrt(np.sum(exact**2))), rel=1e-9)
+        assert row.stable_rank == pytest.approx(float(np.sum(exact**2) / exact[0] ** 2), rel=1e-6)
+
+
+def test_known_spectrum_values(tmp_path):
+    values = [float(v) for v in range(100, 50, -1)]
+    write_known_spectra(tmp_path, {"model.layers.0.mlp.up_proj": (96, 80, values)})
+
+    table = scan(tmp_path, top_k=60, use_cache=False)
+
+    expected = np.array(values + [0.0] * 10)
+    np.testing.assert_allclose(table.loc[0, "singular_values"][:50], expected[:50], rtol=1e-5)
+    assert table.loc[0, "spectral_norm"] == pytest.approx(100.0, rel=1e-6)
+    assert table.loc[0, "frobenius_norm"] == pytest.approx(np.sqrt(np.sum(np.square(values))), rel=1e-6)
+
+
+def test_gpt2_conv1d_transposed(tmp_path):
+    write_gpt2(tmp_path)
+    weights = load_file(str(tmp_path / "model.safetensors"))
+
+    table = scan(tmp_path, top_k=8, use_cache=False)
+
+    row = table.set_index("module").loc["transformer.h.0.attn.c_attn"]
+    assert row.layout == "conv1d"
+    assert (row.d_out, row.d_in) == (144, 48)
+    exact = _exact_singular_values(weights["transformer.h.0.attn.c_attn.weight"])
+    np.testing.assert_allclose(row.singular_values, exact[:8], rtol=1e-3)
+
+
+def _write_single(folder: Path, weight: torch.Tensor, name: str = "model.layers.0.self_attn.q_proj") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({f"{name}.weight": weight}, str(folder / "model.safetensors"))
+    return folder
+
+
+def test_nonfinite_weight_rejected(tmp_path):
+    weight = torch.randn(16, 16)
+    weight[0, 0] = float("nan")
+    weight[1, :3] = float("inf")
+    _write_single(tmp_path, weight)
+
+    with pytest.raises(SpectrumError, match=r"model\.layers\.0\.self_attn\.q_proj\.weight .*1 NaN and 3 Inf"):
+        scan(tmp_path, use_cache=False)
+
+
+def test_nonfinite_weight_skipped(tmp_path):
+    weight = torch.randn(16, 16)
+    weight[2, 2] = float("nan")
+    folder = tmp_path / "model"
+    folder.mkdir()
+    save_file(
+        {
+            "model.layers.0.self_attn.q_proj.weight": weight,
+            "model.layers.0.self_attn.k_proj.weight": torch.randn(16, 16),
+        },
+        str(folder / "model.safetensors"),
+    )
+
+    with pytest.warns(LamdaWarning, match="q_proj.weight .*1 NaN"):
+        table = scan(folder, skip_nonfinite=True, use_cache=False)
+
+    assert list(table["module"]) == ["model.layers.0.self_attn.k_proj"]
+
+
+def test_all_zero_weight_warns(tmp_path):
+    _write_single(tmp_path, torch.zeros(12, 20))
+
+    with pytest.warns(LamdaWarning, match="all zeros"):
+        table = scan(tmp_path, use_cache=False)
+
+    assert table.loc[0, "frobenius_norm"] == 0.0
+    assert table.loc[0, "spectral_norm"] == 0.0
+
+
+def test_cache_skips_svd_on_rescan(tmp_path):
+    cache = tmp_path / "cache"
+    first = scan(minilm_path(), top_k=16, cache_dir=cache)
+    second = scan(minilm_path(), top_k=8, cache_dir=cache)
+
+    assert (first.attrs["computed"], first.attrs["cached"]) == (36, 0)
+    assert (second.attrs["computed"], second.attrs["cached"]) == (0, 36)
+    for a, b in zip(first["singular_values"], second["singular_values"]):
+        np.testing.assert_array_equal(a[:8], b)
+
+
+def test_cache_recomputes_for_more_values(tmp_path):
+    cache = tmp_path / "cache"
+    scan(minilm_path(), top_k=8, cache_dir=cache)
+
+    larger = scan(minilm_path(), top_k=16, cache_dir=cache)
+
+    assert larger.attrs["computed"] == 36
+
+
+def test_interrupted_scan_resumes(tmp_path):
+    cache = tmp_path / "cache"
+
+    def stop_after_five(done, total, module):
+        if done == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        scan(minilm_path(), top_k=8, cache_dir=cache, progress=stop_after_five)
+    resumed = scan(minilm_path(), top_k=8, cache_dir=cache)
+
+    assert (resumed.attrs["computed"], resumed.attrs["cached"]) == (31, 5)
+
+
+def test_corrupt_cache_entry_recomputed(tmp_path):
+    cache = tmp_path / "cache"
+    reference = scan(minilm_path(), top_k=8, cache_dir=cache)
+    entries = sorted(p for p in cache.rglob("*") if p.is_file())
+    assert entries, "the scan wrote no cache entries"
+    entries[0].write_bytes(b"not an array file")
+
+    with pytest.warns(LamdaWarning):
+        again = scan(minilm_path(), top_k=8, cache_dir=cache)
+
+    assert again.attrs["computed"] == 1
+    for a, b in zip(reference["singular_values"], again["singular_values"]):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_spectra_csv_round_trip(tmp_path):
+    table = scan(minilm_path(), top_k=8, use_cache=False)
+
+    loaded = read_spectra_csv(write_spectra_csv(table, tmp_path / "spectra.csv"))
+
+    assert list(loaded["module"]) == list(table["module"])
+    for a, b in zip(table["singular_values"], loaded["singular_values"]):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(loaded["frobenius_norm"], table["frobenius_norm"])
+    assert loaded.attrs["fingerprint"] == table.attrs["fingerprint"]
+
+
+def test_spectra_csv_missing_columns(tmp_path):
+    path = tmp_path / "spectra.csv"
+    path.write_text("module,tensor\nencoder.layer.0.attention.self.query,x\n")
+
+    with pytest.raises(LamdaError, match=r"spectra\.csv lacks columns layout, d_out"):
+        read_spectra_csv(path)
+
+
+PEAK_RSS_SCRIPT = textwrap.dedent(
+    """
+    import json, resource, sys
+    from lamda_spectra.scan import scan
+    table = scan(sys.argv[1], top_k=16, use_cache=False)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"modules": len(table), "peak_mb": peak_mb}))
+    """
+)
+
+
+@pytest.mark.slow
+def test_peak_memory_bounded_by_largest_tensor(tmp_path):
+    """Scanning must stream: peak RSS stays below 4 x largest target in float32 + 600 MB."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    hidden = 2048
+    generator = torch.Generator().manual_seed(0)
+    tensors = {
+        # A large non-target tensor makes loading the whole checkpoint exceed the bound.
+        "model.embed_tokens.weight": torch.randn(64000, 4096, generator=generator, dtype=torch.bfloat16),
+    }
+    for layer in range(4):
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            tensors[f"model.layers.{layer}.self_attn.{name}.weight"] = torch.randn(
+                hidden, hidden, generator=generator, dtype=torch.bfloat16
+            )
+    save_file(tensors, str(folder / "model.safetensors"))
+    largest_target_mb = hidden * hidden * 4 / 2**20
+    total_mb = (folder / "model.safetensors").stat().st_size / 2**20
+    del tensors
+    assert total_mb >= 10 * largest_target_mb
+
+    result = subprocess.run(
+        [sys.executable, "-c", PEAK_RSS_SCRIPT, str(folder)], capture_output=True, text=True, check=True
+    )
+
+    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    assert measured["modules"] == 16
+    assert measured["peak_mb"] < 4 * largest_target_mb + 600
