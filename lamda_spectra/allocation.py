@@ -208,6 +208,31 @@ def allocate(
     )
 
 
+def check_budget(
+    dims: Sequence[int],
+    budget: Budget | str | int,
+    *,
+    r0: int | None = None,
+    min_rank: int = 1,
+    max_rank: int | None = None,
+    multiple_of: int = 1,
+    names: Sequence[str] | None = None,
+) -> None:
+    """Validate a budget and rank bounds from module sizes alone, before any spectrum is computed.
+
+    Every module counts as having energy here: an all-zero weight found by the scan later keeps
+    the minimum rank and can still make the budget infeasible then.
+
+    Raises:
+        UsageError: as :func:`allocate` does for bounds and budgets.
+    """
+    with_energy = [np.ones(1) for _ in dims]
+    with warnings.catch_warnings():
+        # The allocation that follows the scan repeats any warning about the budget.
+        warnings.simplefilter("ignore", LamdaWarning)
+        _build_problem(with_energy, dims, Budget.parse(budget), "uniform", r0, min_rank, max_rank, multiple_of, names)
+
+
 def _check_positive_int(name: str, value: object) -> None:
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
         raise UsageError(f"invalid {name} {value!r}: expected a positive integer")

@@ -17,7 +17,7 @@ import numpy as np
 
 from . import __version__
 from ._io import check_writable_location
-from .allocation import STRATEGIES, Budget
+from .allocation import STRATEGIES, Budget, check_budget
 from .errors import LamdaError, UsageError
 from .plan import plan as make_plan
 from .scan import DEFAULT_TOP_K, scan, write_spectra_csv
@@ -159,7 +159,7 @@ def build_plan_parser() -> argparse.ArgumentParser:
 def plan_main(argv: Sequence[str] | None = None) -> int:
     """Run ``lamda-plan``; returns the process exit code."""
     args = build_plan_parser().parse_args(argv)
-    return _run("lamda-plan", _plan_command, args)
+    return run_command("lamda-plan", _plan_command, args)
 
 
 def report_main(argv: Sequence[str] | None = None) -> int:
@@ -169,7 +169,7 @@ def report_main(argv: Sequence[str] | None = None) -> int:
     return main(argv)
 
 
-def _run(prog: str, command, args: argparse.Namespace) -> int:
+def run_command(prog: str, command, args: argparse.Namespace) -> int:
     """Call ``command(args)``, turning errors into one stderr line and an exit code."""
     if args.debug:
         logging.basicConfig(level=logging.DEBUG, format=f"{prog}: %(name)s: %(message)s")
@@ -182,7 +182,7 @@ def _run(prog: str, command, args: argparse.Namespace) -> int:
         print(f"{prog}: error: {_one_line(err)}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted; finished modules stay in the spectra cache", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     except Exception as err:  # noqa: BLE001 - last resort: keep the one-line contract
         if args.debug:
@@ -219,9 +219,17 @@ def _plan_command(args: argparse.Namespace) -> int:
 
     weights = open_source(args.model, revision=args.revision)
     targets = select_targets(weights, args.target, args.exclude, skip_unsupported=args.skip_unsupported)
+    # Fail on a bad budget or bad rank bounds before any SVD runs.
+    check_budget(
+        [min(module.shape) for module in targets],
+        args.budget,
+        r0=args.r0,
+        min_rank=args.min_rank,
+        max_rank=args.max_rank,
+        multiple_of=args.multiple_of,
+        names=[module.module for module in targets],
+    )
     top_k = args.top_k or _default_top_k(args, len(targets))
-    # Fail on bad budgets before any SVD runs.
-    Budget.parse(args.budget)
 
     name = args.name or weights.model_name
     plan_path = args.output or Path("reports") / name / "plan.json"
@@ -285,7 +293,8 @@ def _default_top_k(args: argparse.Namespace, n_modules: int) -> int:
 def _progress_bar(total: int, *, enabled: bool):
     from tqdm.auto import tqdm
 
-    with tqdm(total=total, unit="module", disable=not enabled, file=sys.stderr, dynamic_ncols=True) as bar:
+    # disable=None lets tqdm hide the bar when stderr is not a terminal.
+    with tqdm(total=total, unit="module", disable=None if enabled else True, file=sys.stderr, dynamic_ncols=True) as bar:
 
         def advance(done: int, total: int, module: str) -> None:
             bar.set_postfix_str(module[-48:], refresh=False)

@@ -211,7 +211,7 @@ def test_nan_weight(tmp_path):
     weight[3, 3] = float("nan")
     save_file({"model.layers.0.mlp.up_proj.weight": weight}, str(folder / "model.safetensors"))
 
-    result = run_cli(str(folder), "-o", str(tmp_path / "plan.json"))
+    result = run_cli(str(folder), "-o", str(tmp_path / "plan.json"), "--budget", "avg:2")
 
     assert_one_line_error(result, 1, r"up_proj\.weight.*1 NaN")
     assert not (tmp_path / "plan.json").exists()
