@@ -21,14 +21,11 @@ import random
 import tempfile
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import torch
 
 import lamda_spectra.adapter as lamda
-from lamda_spectra.adapter.layer import layout_of, weight_matrix
 from lamda_spectra.plan import Plan, plan
-from lamda_spectra.spectra import compute_spectrum, spectrum_metrics
+from lamda_spectra.scan import scan
 
 SUBJECTS = ["the team", "our coach", "the striker", "my sister", "the old man", "a student", "the captain", "everyone"]
 SPORTS = [
@@ -85,40 +82,13 @@ def load_model(folder: Path, seed: int):
     return model.float()
 
 
-def spectra_table(model: torch.nn.Module, top_k: int) -> pd.DataFrame:
-    """Tabulate the spectra of the encoder's linear layers from the loaded weights.
+def plan_minilm(folder: Path, budget: str) -> Plan:
+    """Scan the checkpoint's 36 encoder linear layers and allocate LaMDA++ ranks (energy strategy).
 
-    TODO: replace with ``lamda_spectra.scan(minilm_folder())`` once the streaming scan is
-    available; this temporary table has the columns that ``lamda_spectra.plan.plan`` reads.
+    The plan names modules as the checkpoint does (``encoder.layer.0...``); apply_plan finds them
+    under ``bert.`` in ``BertForSequenceClassification`` through its ``base_model_prefix``.
     """
-    rows = []
-    for name, module in model.base_model.named_modules():
-        layout = layout_of(module)
-        if layout is None or not name.startswith("encoder."):
-            continue
-        weight = weight_matrix(module, layout).detach()
-        spectrum = compute_spectrum(weight, top_k)
-        metrics = spectrum_metrics(spectrum)
-        rows.append(
-            {
-                "module": name,
-                "layout": layout,
-                "d_out": int(weight.shape[0]),
-                "d_in": int(weight.shape[1]),
-                "frobenius_norm": metrics["frobenius_norm"],
-                "spectral_norm": metrics["spectral_norm"],
-                "stable_rank": metrics["stable_rank"],
-                "singular_values": np.asarray(spectrum.singular_values),
-            }
-        )
-    table = pd.DataFrame(rows)
-    table.attrs["source"] = {"kind": "folder", "path": str(minilm_folder()), "model_name": "all-MiniLM-L6-v2"}
-    return table
-
-
-def plan_minilm(model: torch.nn.Module, budget: str) -> Plan:
-    """Allocate LaMDA++ ranks (energy strategy) over MiniLM's 36 encoder linear layers."""
-    return plan(spectra_table(model, top_k=64), budget=budget, strategy="energy")
+    return plan(scan(folder), budget=budget, strategy="energy")
 
 
 def train(model, handle, batches, *, steps: int, lr: float, log_every: int, on_step=None) -> list[float]:
@@ -219,7 +189,7 @@ def main(argv: list[str] | None = None, *, on_step=None) -> dict:
     train_batches = make_batches(tokenizer, train_x, train_y, args.batch_size)
     eval_batches = make_batches(tokenizer, eval_x, eval_y, args.batch_size)
 
-    rank_plan = plan_minilm(model, args.budget)
+    rank_plan = plan_minilm(folder, args.budget)
     handle = lamda.apply_plan(model, rank_plan, total_steps=steps, freeze_fraction=args.freeze_fraction)
     model.classifier.requires_grad_(True)  # the task head is new, so it trains along with the adapters
     head_parameters = sum(p.numel() for p in model.classifier.parameters())

@@ -67,7 +67,9 @@ VALUE_RTOL = 2.5e-4
 ENERGY_ATOL = 2.5e-5
 # top_svd needs singular vectors as well. With this bound, rank-16 and rank-64 approximations of a
 # 2048 x 1536 weight with s_i = i^-0.5 matched the exact ones to 7e-7 relative (2e-4 with
-# VALUE_RTOL). On a Gaussian weight (flat spectrum) the rank-16 one was off by 3e-5.
+# VALUE_RTOL).
+# NOTE: residuals do not bound vector errors when s_r and s_{r+1} nearly coincide: on a Gaussian
+# weight (flat spectrum) the rank-16 approximation was off by 3e-5.
 VECTOR_RTOL = 1e-6
 
 # Rows per float64 chunk when accumulating ||W||_F^2 and the Gram matrix (about 32 MB per chunk).
@@ -114,8 +116,9 @@ def compute_spectrum(
         full: return every singular value (always by the Gram eigensolve).
         device: where to compute, for example ``"cuda"`` (default: the weight's device).
         seed: seed of the random start block, so results are reproducible.
-        method: ``"auto"`` chooses as the module docstring says. ``"krylov"`` or ``"gram"``
-            forces a routine, and a forced Krylov run may grow its basis to the whole space.
+        method: ``"auto"`` chooses by the rules in the module docstring. ``"krylov"`` or
+            ``"gram"`` forces a routine, and a forced Krylov run may grow its basis to the whole
+            space.
 
     Returns:
         A :class:`Spectrum` whose values are within 1e-3 relative of an exact float64 SVD and
@@ -247,6 +250,7 @@ def _working_matrix(weight: torch.Tensor, device: str | torch.device | None) -> 
             "quantized or packed weights have no spectrum"
         )
     target = torch.device(device) if device is not None else weight.device
+    # NOTE: the tests run on CPU only; the CUDA path uses the same torch calls but is untested.
     if target.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"device {str(target)!r} requested but CUDA is not available; use 'cpu'")
     dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
