@@ -26,6 +26,7 @@ Examples::
     .venv/bin/python benchmarks/bench_scan.py
     .venv/bin/python benchmarks/bench_scan.py --models llama --repeats 5
     .venv/bin/python benchmarks/bench_scan.py --size tiny --repeats 1 --json out.json
+    .venv/bin/python benchmarks/bench_scan.py --models llama --device cuda   # not yet run on a GPU
 """
 
 from __future__ import annotations
@@ -67,9 +68,9 @@ def model_folders(size: str, models: list[str], work_dir: Path) -> dict[str, Pat
     return folders
 
 
-def plan_command(folder: Path, cache_dir: Path, output: Path) -> list[str]:
+def plan_command(folder: Path, cache_dir: Path, output: Path, device: str) -> list[str]:
     return [
-        sys.executable, "-m", "lamda_spectra.cli", str(folder),
+        sys.executable, "-m", "lamda_spectra.cli", str(folder), "--device", device,
         "--no-report", "--json", "--cache-dir", str(cache_dir), "-o", str(output / "plan.json"),
     ]
 
@@ -80,12 +81,12 @@ ROUTINES = {
 }
 
 
-def lamda_plan_round(name: str, folder: Path, scratch: Path) -> dict:
+def lamda_plan_round(name: str, folder: Path, scratch: Path, device: str) -> dict:
     """Run ``lamda-plan`` cold (fresh cache folder) then warm (same folder); return both runs."""
     shutil.rmtree(scratch, ignore_errors=True)
     runs = {}
     for phase in ("cold", "warm"):
-        command = plan_command(folder, scratch / "cache", scratch / phase)
+        command = plan_command(folder, scratch / "cache", scratch / phase, device)
         child = _common.run_child(command, cwd=_common.ROOT).check(command)
         summary = child.json_output()
         expected = "spectra_computed" if phase == "cold" else "spectra_cached"
@@ -109,16 +110,23 @@ def timed_targets(targets) -> tuple[list, dict]:
     return list(chosen.values()), {target.module: counts[shape] for shape, target in chosen.items()}
 
 
-def per_matrix_round(weights, chosen, seconds: dict, values: dict) -> None:
+def per_matrix_round(weights, chosen, seconds: dict, values: dict, device: str) -> None:
     """Time each routine once on each chosen module, appending to ``seconds`` and keeping the values."""
     for target in chosen:
-        matrix = _common.tall_matrix(weights, target)
+        matrix = _common.tall_matrix(weights, target).to(device)
         for routine, function in ROUTINES.items():
+            _synchronize(device)
             started = time.perf_counter()
             result = function(matrix)
+            _synchronize(device)
             seconds[routine][target.module].append(time.perf_counter() - started)
-            values[routine][target.module] = result.double().numpy()
+            values[routine][target.module] = result.double().cpu().numpy()
         del matrix
+
+
+def _synchronize(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
 
 
 def per_matrix_totals(seconds: dict, counts: dict, repeats: int) -> dict:
@@ -185,16 +193,16 @@ def benchmark_model(name: str, folder: Path, args: argparse.Namespace) -> dict:
     chosen, counts = timed_targets(targets)
     # The first call of each routine pays one-off set-up costs (threads, LAPACK workspace queries).
     for function in ROUTINES.values():
-        function(torch.randn(64, 32))
+        function(torch.randn(64, 32, device=args.device))
     runs = {"cold": [], "warm": []}
     seconds = {routine: {target.module: [] for target in chosen} for routine in ROUTINES}
     values = {routine: {} for routine in ROUTINES}
     # Rounds interleave the tools, so that load from other processes affects them alike.
     for index in range(args.repeats):
         scratch = args.work_dir / "runs" / name / str(index)
-        for phase, run in lamda_plan_round(name, folder, scratch).items():
+        for phase, run in lamda_plan_round(name, folder, scratch, args.device).items():
             runs[phase].append(run)
-        per_matrix_round(weights, chosen, seconds, values)
+        per_matrix_round(weights, chosen, seconds, values, args.device)
         print(f"[{name}] round {index + 1}/{args.repeats} done, load average {_common.load_average()}", file=sys.stderr, flush=True)
     reference = {
         t.module: _common.reference_singular_values(weights, t, args.work_dir, args.reference) for t in targets
@@ -277,6 +285,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--repeats", type=int, default=3, help="runs per measurement (default 3)")
     parser.add_argument("--work-dir", type=Path, default=_common.DEFAULT_WORK_DIR, help="checkpoints, references and scratch (default %(default)s)")
     parser.add_argument("--reference", choices=_common.REFERENCE_METHODS, default="gram", help="float64 reference routine (default gram)")
+    parser.add_argument("--device", default="cpu", help="where lamda-plan and the per-matrix SVDs run: cpu or cuda (default cpu)")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
 

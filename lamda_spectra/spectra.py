@@ -16,7 +16,7 @@ runs is recorded in ``Spectrum.method``:
 ``krylov``
     The top ``k`` values of a weight whose smaller side ``n`` exceeds ``GRAM_MAX_DIM``, unless
     ``k`` is large for ``n``. Randomized block Krylov iteration on ``W^T W`` with full
-    reorthogonalization (block width ``k + max(16, k // 8)``): float32 products with ``W``, a
+    reorthogonalization (block width ``max(24, 3k/4)``): float32 products with ``W``, a
     seeded start block, and a float64 Rayleigh-Ritz problem built from the stored products, so
     checking convergence costs no extra pass over ``W``. It stops when the Ritz residuals
     ``rho_i = ||W^T W v_i - theta_i v_i||`` prove the contract with a 4x margin (see
@@ -66,10 +66,10 @@ GRAM_MAX_DIM = 1024
 VALUE_RTOL = 2.5e-4
 ENERGY_ATOL = 2.5e-5
 # top_svd needs singular vectors as well. With this bound, rank-16 and rank-64 approximations of a
-# 2048 x 1536 weight with s_i = i^-0.5 matched the exact ones to 7e-7 relative (2e-4 with
-# VALUE_RTOL).
-# NOTE: residuals do not bound vector errors when s_r and s_{r+1} nearly coincide: on a Gaussian
-# weight (flat spectrum) the rank-16 approximation was off by 3e-5.
+# 2048 x 1536 weight with s_i = i^-0.5 matched the exact ones to 4e-7 and 4e-6 relative (1e-3
+# and 5e-5 with VALUE_RTOL), and the rank-16 one of a Gaussian weight to 4e-6.
+# NOTE: residuals alone do not bound vector errors when s_r and s_{r+1} nearly coincide, so
+# weights with such a pair may miss 1e-5.
 VECTOR_RTOL = 1e-6
 
 # Rows per float64 chunk when accumulating ||W||_F^2 and the Gram matrix (about 32 MB per chunk).
@@ -371,11 +371,16 @@ def _flip_signs(
 def _block_size(k: int) -> int:
     """Return the Krylov block width for ``k`` wanted values.
 
-    Oversampling speeds up convergence of the k-th value but widens every block. For k=64 on
-    the weights of ``benchmarks/bench_methods.py``, widths 72 and 80 needed 8% less CPU time
-    than 96 in total.
+    Narrower blocks reach a given polynomial degree with fewer products: at k=64, widths 32-48
+    needed 60-65% of the CPU time of width 80 on the four weights of
+    ``benchmarks/bench_methods.py`` (860-1100 basis columns instead of 1280-1360 for the
+    flatter ones). Width 16 stalled on flat spectra.
     """
-    return k + max(16, k // 8)
+    # NOTE: a block narrower than k cannot see more than its width of (nearly) equal top
+    # singular values at once, so a cluster of more than 3k/4 equal values at the top could be
+    # certified too early. Exactly equal values are safe: their products are deficient columns,
+    # which the basis replaces by random ones.
+    return max(24, (3 * k) // 4)
 
 
 @dataclass

@@ -137,6 +137,16 @@ def test_repeated_values_low_rank():
     assert energy_score(spectrum, 40) == pytest.approx(1.0, abs=ENERGY_ATOL)
 
 
+def test_equal_values_wider_than_block():
+    # Sixty equal top values exceed the block width (48 for k=64); the deficient products are
+    # replaced by random columns, through which the Krylov space finds the rest of them.
+    values = [10.0] * 60 + [3.0 * 0.7**i for i in range(200)]
+    matrix = matrix_with_singular_values(1500, 1200, values, seed=3).to(torch.float32)
+    spectrum = compute_spectrum(matrix, 64)
+    assert spectrum.method == "krylov"
+    assert_values_close(spectrum.singular_values, exact_values(matrix))
+
+
 # --- flat spectra and real weights --------------------------------------------------------
 
 
