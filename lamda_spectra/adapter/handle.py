@@ -91,6 +91,9 @@ class LamdaHandle:
 
         Raises:
             AdapterError: if the adapters were merged into the base model.
+
+        NOTE: every call counts as a step. When a mixed-precision gradient scaler skips an
+        optimizer step, skip this call too if the schedule must count only applied updates.
         """
         if self.merged:
             raise AdapterError("the LaMDA adapters were merged by merge_and_unload; this handle no longer controls them")
