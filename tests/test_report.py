@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 import re
 import time
@@ -11,11 +12,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import lamda_spectra.report as report_package
 from lamda_spectra.errors import ReportError
 from lamda_spectra.plan import ModulePlan, Plan
 from lamda_spectra.report import COMPARE_FILES, REPORT_FILES, compare, main, report
 from lamda_spectra.scan import SPECTRA_COLUMNS, read_spectra_csv, write_spectra_csv
+
+# The package attribute lamda_spectra.report is the report() function, so fetch the submodule.
+report_package = importlib.import_module("lamda_spectra.report")
 
 FINGERPRINT = "ab" * 32
 OTHER_FINGERPRINT = "cd" * 32

@@ -9,7 +9,7 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from .. import plan as plan_module
+from ..plan import plan as make_plan
 from ..errors import LamdaError
 from ..plan import Plan
 from .names import OTHER_ROW
@@ -43,7 +43,7 @@ def allocate_strategies(plan: Plan, spectra: pd.DataFrame) -> dict[str, Plan | s
     results: dict[str, Plan | str] = {}
     for name in STRATEGIES:
         try:
-            results[name] = plan_module.plan(
+            results[name] = make_plan(
                 planned,
                 budget=settings["budget"],
                 strategy=name,
