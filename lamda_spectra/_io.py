@@ -75,7 +75,12 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield staging
         path.mkdir(parents=True, exist_ok=True)
-        for item in sorted(staging.iterdir()):
+        items = sorted(staging.iterdir())
+        # Never delete a user's folder to make room for an output file: reject before moving anything.
+        blocked = [str(path / item.name) for item in items if (path / item.name).is_dir() and not item.is_dir()]
+        if blocked:
+            raise LamdaError(f"cannot write {', '.join(blocked)}: a folder has that name; move it or choose another output folder")
+        for item in items:
             target = path / item.name
             if target.is_dir() and not target.is_symlink():
                 shutil.rmtree(target)

@@ -91,7 +91,7 @@ def compare_rank_maps(grid: ModuleGrid, name_a: str, name_b: str) -> Figure:
             "rank difference (B - A)",
         ),
     ]
-    changed = int(np.nansum(difference != 0))
+    changed = int(np.sum(np.isfinite(difference) & (difference != 0)))
     title = f"Rank maps compared: {changed} of {int(np.isfinite(difference).sum())} shared modules change rank"
     return _draw(grid, panels, title)
 
