@@ -198,31 +198,45 @@ class ChildResult:
             return json.loads(self.stdout.strip().splitlines()[-1])
 
 
+# Runs the measured command as its own child and writes that child's wall time and rusage to the
+# file named by argv[1]. On Linux a forked child starts with its parent's peak RSS and keeps it
+# across execve, so the command must be forked from this small process, not from a benchmark
+# process that may hold gigabytes.
+_LAUNCHER = """
+import json, os, sys, time
+started = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+wall = time.perf_counter() - started
+with open(sys.argv[1], "w") as out:
+    json.dump({"wall_s": wall, "maxrss_kib": usage.ru_maxrss}, out)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def run_child(command: Sequence[str], *, env: dict | None = None, cwd: Path | None = None) -> ChildResult:
     """Run ``command`` and measure its wall time and peak RSS.
 
-    ``os.wait4`` returns the resource usage of this one child, so runs in a loop do not see
-    each other's peaks (``RUSAGE_CHILDREN`` would return the maximum over all of them).
+    A small launcher process forks and waits for the command, so that the command's peak RSS is
+    its own (see ``_LAUNCHER``), and ``os.wait4`` gives the usage of that one child.
     """
-    with open(os.devnull, "rb") as stdin:
-        import tempfile
+    import tempfile
 
-        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-            started = time.perf_counter()
-            process = subprocess.Popen(list(command), stdin=stdin, stdout=out, stderr=err, env=env, cwd=cwd)
-            _, status, usage = os.wait4(process.pid, 0)
-            wall = time.perf_counter() - started
-            process.returncode = os.waitstatus_to_exitcode(status)
-            out.seek(0)
-            err.seek(0)
-            return ChildResult(
-                wall_s=wall,
-                # ru_maxrss is in KiB on Linux.
-                peak_rss_bytes=usage.ru_maxrss * 1024,
-                returncode=process.returncode,
-                stdout=out.read().decode(errors="replace"),
-                stderr=err.read().decode(errors="replace"),
-            )
+    with tempfile.TemporaryDirectory() as scratch, open(os.devnull, "rb") as stdin:
+        usage_path = Path(scratch) / "usage.json"
+        launcher = [sys.executable, "-c", _LAUNCHER, str(usage_path), *command]
+        completed = subprocess.run(launcher, stdin=stdin, capture_output=True, env=env, cwd=cwd)
+        usage = json.loads(usage_path.read_text()) if usage_path.is_file() else {"wall_s": float("nan"), "maxrss_kib": 0}
+    return ChildResult(
+        wall_s=usage["wall_s"],
+        # ru_maxrss is in KiB on Linux.
+        peak_rss_bytes=usage["maxrss_kib"] * 1024,
+        returncode=completed.returncode,
+        stdout=completed.stdout.decode(errors="replace"),
+        stderr=completed.stderr.decode(errors="replace"),
+    )
 
 
 def reset_peak_rss() -> bool:

@@ -47,6 +47,29 @@ def test_common_child_peak_rss(monkeypatch):
     assert child.peak_rss_bytes > 200 * 2**20
 
 
+def test_common_child_rss_excludes_parent(monkeypatch):
+    common = load_script("_common", monkeypatch)
+    held = bytearray(400 * 2**20)
+    held[::4096] = b"x" * len(held[::4096])  # touch every page so the parent's RSS really grows
+    command = [sys.executable, "-c", "pass"]
+
+    child = common.run_child(command).check(command)
+
+    assert child.peak_rss_bytes < 100 * 2**20
+    del held
+
+
+def test_common_child_exit_code(monkeypatch):
+    common = load_script("_common", monkeypatch)
+    command = [sys.executable, "-c", "import sys; sys.exit(3)"]
+
+    child = common.run_child(command)
+
+    assert child.returncode == 3
+    with pytest.raises(RuntimeError, match="exited with 3"):
+        child.check(command)
+
+
 def test_bench_scan_tiny(tmp_path, monkeypatch):
     bench = load_script("bench_scan", monkeypatch)
 
