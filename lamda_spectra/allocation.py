@@ -32,6 +32,7 @@ from typing import Callable, Literal, Sequence
 
 import numpy as np
 
+from ._text import count_noun
 from .errors import LamdaWarning, UsageError
 
 logger = logging.getLogger(__name__)
@@ -190,9 +191,10 @@ def allocate(
         for the defaults of ``r0`` and ``max_rank``.
 
     Raises:
-        UsageError: unknown strategy, invalid bounds, ``max_rank < min_rank``, a budget outside
-            the feasible range (the message gives the range), or a module whose spectrum contains
-            too few singular values for the strategy.
+        UsageError: unknown strategy, invalid bounds, ``max_rank < min_rank``, an ``r0`` above
+            every module's ``min(d_out, d_in)``, a budget outside the feasible range (the message
+            gives the bound that excludes it), or a module whose spectrum contains too few
+            singular values for the strategy.
     """
     problem = _build_problem(normalized, dims, Budget.parse(budget), strategy, r0, min_rank, max_rank, multiple_of, names)
     chunks = STRATEGIES[strategy](problem)
@@ -255,6 +257,9 @@ def _build_problem(normalized, dims, budget, strategy, r0, min_rank, max_rank, m
     if len(dims) != n or len(names) != n:
         raise UsageError(f"got {n} spectra, {len(dims)} dims and {len(names)} names; expected one of each per module")
 
+    dims = tuple(int(d) for d in dims)
+    if r0 is not None:
+        _check_r0(int(r0), dims, names)
     average = budget.average_rank(n)
     r0 = int(r0) if r0 is not None else max(1, _round_half_up(average))
     max_rank_origin = "" if max_rank is not None else f" (4x the average rank of budget {budget.text})"
@@ -263,10 +268,28 @@ def _build_problem(normalized, dims, budget, strategy, r0, min_rank, max_rank, m
     low_rank, high_rank = _rank_bounds(min_rank, max_rank, step, max_rank_origin)
 
     spectra = tuple(np.asarray(p, dtype=np.float64) for p in normalized)
-    dims = tuple(int(d) for d in dims)
     low, high = _module_bounds(spectra, dims, names, low_rank, high_rank, step)
-    target = _budget_target(budget, n, step, low, high, min_rank, max_rank)
+    # Each module's cap before an all-zero weight pins it to its minimum; only messages use it.
+    caps = np.array([min(high_rank, step * (dim // step)) // step for dim in dims], dtype=np.int64)
+    limits = _Limits(
+        min_rank=min_rank,
+        max_rank=max_rank,
+        max_rank_origin=max_rank_origin,
+        max_rank_binds=any(high_rank < step * (dim // step) for dim in dims),
+        zero_modules=int(np.sum(high < caps)),
+    )
+    target = _budget_target(budget, n, step, low, high, limits)
     return _Problem(strategy, names, spectra, dims, budget, target, r0, max_rank, step, low, high)
+
+
+def _check_r0(r0: int, dims: tuple[int, ...], names: tuple[str, ...]) -> None:
+    """Reject a base rank above every module's ``min(d_out, d_in)``: every energy score would be 1."""
+    widest = max(range(len(dims)), key=lambda j: dims[j])
+    if r0 > dims[widest]:
+        raise UsageError(
+            f"r0 {r0} is above min(d_out, d_in) of every module (largest: {dims[widest]}, module "
+            f"{names[widest]}); choose r0 of at most {dims[widest]}"
+        )
 
 
 def _rank_bounds(min_rank: int, max_rank: int, step: int, max_rank_origin: str) -> tuple[int, int]:
@@ -302,14 +325,23 @@ def _module_bounds(spectra, dims, names, low_rank: int, high_rank: int, step: in
     return low, high
 
 
-def _budget_target(budget: Budget, n: int, step: int, low: np.ndarray, high: np.ndarray, min_rank: int, max_rank: int) -> int:
+@dataclass(frozen=True)
+class _Limits:
+    """The rank bounds behind a feasible range, for the message of an infeasible budget."""
+
+    min_rank: int
+    max_rank: int
+    max_rank_origin: str  # why max_rank has its value when the caller gave none, else ""
+    max_rank_binds: bool  # max_rank is below some module's min(d_out, d_in)
+    zero_modules: int  # all-zero weights, held at the minimum rank
+
+
+def _budget_target(budget: Budget, n: int, step: int, low: np.ndarray, high: np.ndarray, limits: _Limits) -> int:
     """Convert the budget to the problem's unit and check that some allocation reaches it."""
     if budget.kind == "params":
         lowest = int(sum((step * int(c)) ** 2 for c in low))
         highest = int(sum((step * int(c)) ** 2 for c in high))
-        target = int(budget.value)
-        feasible = lowest <= target <= highest
-        span = f"params:{lowest} to params:{highest}"
+        target = requested = int(budget.value)
     else:
         ranks = int(budget.value) if budget.kind == "total" else math.floor(budget.value * n + 1e-9)
         usable = step * (ranks // step)
@@ -322,15 +354,46 @@ def _budget_target(budget: Budget, n: int, step: int, low: np.ndarray, high: np.
             )
         lowest, highest = step * int(low.sum()), step * int(high.sum())
         target = usable // step
-        feasible = lowest <= usable <= highest
-        span = f"{lowest} to {highest}" if budget.kind == "total" else f"avg:{_short(lowest / n)} to avg:{_short(highest / n)}"
-    if not feasible:
-        raise UsageError(
-            f"budget {budget.text} is infeasible for {n} modules with min_rank {min_rank} and max_rank {max_rank} "
-            f"(each module also capped at min(d_out, d_in)): the feasible range is {span}; "
-            "choose a budget in that range or change the rank bounds"
-        )
+        requested = usable
+    if not lowest <= requested <= highest:
+        raise _infeasible_budget(budget, n, requested, lowest, highest, limits)
     return target
+
+
+def _infeasible_budget(
+    budget: Budget, n: int, requested: int, lowest: int, highest: int, limits: _Limits
+) -> UsageError:
+    """Build the error for a budget outside ``[lowest, highest]``, naming the bound that excludes it."""
+    modules = count_noun(n, "module")
+    if requested < lowest:
+        smallest = _budget_text(budget, lowest, n)
+        return UsageError(
+            f"budget {budget.text} is infeasible for {modules}: the smallest feasible budget is {smallest}, "
+            f"because every module gets at least min_rank {limits.min_rank} (or its min(d_out, d_in) if smaller); "
+            f"choose a budget of at least {smallest} or lower min_rank"
+        )
+    cap = "min(d_out, d_in)"
+    fix = ""
+    if limits.max_rank_binds:
+        cap = f"max_rank {limits.max_rank}{limits.max_rank_origin} or min(d_out, d_in), whichever is smaller"
+        fix = " or raise max_rank"
+    if limits.zero_modules:
+        such = count_noun(limits.zero_modules, "such module")
+        cap += f", except that a module with an all-zero weight keeps the minimum rank ({such})"
+    largest = _budget_text(budget, highest, n)
+    return UsageError(
+        f"budget {budget.text} is infeasible for {modules}: the largest feasible budget is {largest}, "
+        f"because each module's rank is capped at {cap}; choose a budget of at most {largest}{fix}"
+    )
+
+
+def _budget_text(budget: Budget, amount: int, n: int) -> str:
+    """Write ``amount`` (a rank sum, or a sum of r^2 for params budgets) in the budget's own form."""
+    if budget.kind == "params":
+        return f"params:{amount}"
+    if budget.kind == "avg":
+        return f"avg:{_short(amount / n)}"
+    return str(amount)
 
 
 def _short(value: float) -> str:
@@ -351,7 +414,7 @@ def _require_values(problem: _Problem, ranks: Sequence[int]) -> None:
     if not short:
         return
     j, available, needed = short[0]
-    others = f" (and {len(short) - 1} more modules)" if len(short) > 1 else ""
+    others = f" (and {count_noun(len(short) - 1, 'more module')})" if len(short) > 1 else ""
     largest_need = max(need for _, _, need in short)
     raise UsageError(
         f"module {problem.names[j]}{others} has {available} singular values in the spectra table but the "

@@ -1,4 +1,14 @@
-"""Command-line entry points: ``lamda-plan`` and ``lamda-report``."""
+"""Command-line entry points: ``lamda-plan`` and ``lamda-report``.
+
+This module imports only the standard library and light project modules, so ``--help``,
+``--version`` and usage errors return without loading torch, numpy or pandas. The commands
+import the scan, plan and report modules when they run, inside :func:`run_command`, so a
+Ctrl-C during those imports is reported like any other interruption.
+
+NOTE: ``lamda_spectra/__init__.py`` still imports the adapter, plan, report and scan modules
+when the package loads, before this module runs. Until it loads them on first use, ``--help``
+waits for torch and a Ctrl-C during those imports prints a traceback.
+"""
 
 from __future__ import annotations
 
@@ -6,24 +16,25 @@ import argparse
 import contextlib
 import json
 import logging
+import statistics
 import sys
 import time
 import traceback
 import warnings
 from pathlib import Path
-from typing import Iterator, Sequence
-
-import numpy as np
+from typing import Callable, Iterator, NamedTuple, NoReturn, Sequence
 
 from . import __version__
-from ._io import check_writable_location
-from .allocation import STRATEGIES, Budget, check_budget
+from ._io import StagedWrites, check_writable_location
+from ._text import count_noun
 from .errors import LamdaError, UsageError
-from .plan import plan as make_plan
-from .scan import DEFAULT_TOP_K, scan, write_spectra_csv
-from .sources import open_source, select_targets
 
 logger = logging.getLogger(__name__)
+
+# Copies of allocation.STRATEGIES' keys and scan.DEFAULT_TOP_K, which would import numpy and
+# torch just to print --help; tests/test_cli.py checks that the copies match.
+STRATEGY_NAMES = ("energy", "uniform", "waterfill")
+DEFAULT_TOP_K = 64
 
 DESCRIPTION = """\
 Stream a checkpoint's linear weights, compute their singular-value spectra, and write a LaMDA++
@@ -40,6 +51,40 @@ exit codes: 0 success, 1 failure (input, weights or output), 2 usage error (opti
 """
 
 
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """An argument parser that reports a usage error as one stderr line instead of the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
+def parse_arguments(
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None,
+    check: Callable[[argparse.ArgumentParser, argparse.Namespace], None] | None = None,
+) -> argparse.Namespace | int:
+    """Parse ``argv``; returns the namespace, or the exit code when argparse ends the command.
+
+    argparse ends the command after ``--help`` and ``--version`` (exit code 0) and on a usage
+    error (exit code 2). Both entry points return that code instead of raising SystemExit.
+
+    Args:
+        parser: the command's parser.
+        argv: the arguments without the program name; ``None`` reads ``sys.argv``.
+        check: called with the parser and the namespace for rules argparse cannot express; it
+            reports a violation through ``parser.error``.
+    """
+    try:
+        args = parser.parse_args(argv)
+        if check is not None:
+            check(parser, args)
+    except SystemExit as exit:
+        if exit.code is None:
+            return 0
+        return exit.code if isinstance(exit.code, int) else 2
+    return args
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -51,7 +96,8 @@ def _positive_int(text: str) -> int:
 
 
 def build_plan_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    """Build the ``lamda-plan`` parser."""
+    parser = OneLineArgumentParser(
         prog="lamda-plan",
         description=DESCRIPTION,
         epilog=EPILOG,
@@ -75,7 +121,7 @@ def build_plan_parser() -> argparse.ArgumentParser:
     )
     budget.add_argument(
         "--strategy",
-        choices=sorted(STRATEGIES),
+        choices=STRATEGY_NAMES,
         default="energy",
         help="energy: rank proportional to each module's energy score (LaMDA++); waterfill: "
         "greedy over all normalized singular values, maximizing captured energy; uniform: the "
@@ -158,19 +204,26 @@ def build_plan_parser() -> argparse.ArgumentParser:
 
 def plan_main(argv: Sequence[str] | None = None) -> int:
     """Run ``lamda-plan``; returns the process exit code."""
-    args = build_plan_parser().parse_args(argv)
+    args = parse_arguments(build_plan_parser(), argv)
+    if isinstance(args, int):
+        return args
     return run_command("lamda-plan", _plan_command, args)
 
 
 def report_main(argv: Sequence[str] | None = None) -> int:
     """Run ``lamda-report``; returns the process exit code."""
-    from .report import main
+    from .report.command import main
 
     return main(argv)
 
 
-def run_command(prog: str, command, args: argparse.Namespace) -> int:
-    """Call ``command(args)``, turning errors into one stderr line and an exit code."""
+def run_command(prog: str, command: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Call ``command(args)``, turning errors into one stderr line and an exit code.
+
+    Returns:
+        The command's exit code; :attr:`LamdaError.exit_code` after a LamdaError, 130 after
+        Ctrl-C and 1 after any other exception.
+    """
     if args.debug:
         logging.basicConfig(level=logging.DEBUG, format=f"{prog}: %(name)s: %(message)s")
     try:
@@ -182,6 +235,8 @@ def run_command(prog: str, command, args: argparse.Namespace) -> int:
         print(f"{prog}: error: {_one_line(err)}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
+        if args.debug:
+            traceback.print_exc()
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     except Exception as err:  # noqa: BLE001 - last resort: keep the one-line contract
@@ -194,17 +249,28 @@ def run_command(prog: str, command, args: argparse.Namespace) -> int:
         return 1
 
 
-def _one_line(err: BaseException) -> str:
+def _one_line(err: BaseException | Warning | str) -> str:
     return " ".join(str(err).split())
 
 
 @contextlib.contextmanager
 def _warnings_as_lines(prog: str, *, quiet: bool) -> Iterator[None]:
-    """Print each warning as one ``prog: warning: ...`` line (or drop it when quiet)."""
+    """Print each distinct warning once as one ``prog: warning: ...`` line (or drop it when quiet).
+
+    The same warning can come twice because the command selects the target modules before the
+    scan, which selects them again. Lines go through ``tqdm.write`` so that a warning raised
+    during the scan does not break the progress bar.
+    """
+    printed: set[str] = set()
 
     def show(message, category, filename, lineno, file=None, line=None):
-        if not quiet:
-            print(f"{prog}: warning: {_one_line(message)}", file=sys.stderr)
+        text = f"{prog}: warning: {_one_line(message)}"
+        if quiet or text in printed:
+            return
+        printed.add(text)
+        from tqdm import tqdm
+
+        tqdm.write(text, file=sys.stderr)
 
     with warnings.catch_warnings():
         warnings.simplefilter("always")
@@ -212,12 +278,74 @@ def _warnings_as_lines(prog: str, *, quiet: bool) -> Iterator[None]:
         yield
 
 
+class OutputPaths(NamedTuple):
+    """Output paths of one ``lamda-plan`` run."""
+
+    plan: Path
+    spectra: Path  # spectra.csv beside the plan
+    report_dir: Path | None  # None with --no-report
+
+
+def _output_paths(args: argparse.Namespace, name: str) -> OutputPaths:
+    plan_path = args.output or Path("reports") / name / "plan.json"
+    report_dir = (args.report_dir or plan_path.parent) if args.report else None
+    return OutputPaths(plan_path, plan_path.with_name("spectra.csv"), report_dir)
+
+
+def _check_outputs(args: argparse.Namespace, outputs: OutputPaths) -> None:
+    """Reject output paths that cannot be written, before the scan starts.
+
+    Raises:
+        LamdaError: a path names a folder where a file must go (or the other way round), two
+            outputs share a path, or a folder cannot be created or written.
+    """
+    if args.output is not None and args.output.is_dir():
+        raise LamdaError(
+            f"output path {args.output} is a folder, but -o takes the plan file path; "
+            f"pass for example -o {args.output / 'plan.json'}"
+        )
+    if outputs.plan.name == outputs.spectra.name:
+        raise LamdaError(
+            f"output path {outputs.plan} is where the spectra table goes; choose another plan file name"
+        )
+    check_writable_location(outputs.plan)
+    check_writable_location(outputs.spectra)
+    if outputs.report_dir is None:
+        return
+
+    from .report import REPORT_FILES
+
+    check_writable_location(outputs.report_dir, kind="folder")
+    if outputs.report_dir.absolute() == outputs.plan.parent.absolute() and outputs.plan.name in REPORT_FILES:
+        raise LamdaError(
+            f"output path {outputs.plan} is where the report writes its {outputs.plan.name}; "
+            "choose another plan file name or pass --report-dir"
+        )
+    for name in REPORT_FILES:
+        check_writable_location(outputs.report_dir / name)
+
+
 def _plan_command(args: argparse.Namespace) -> int:
+    from .allocation import check_budget
+    from .plan import plan as make_plan
+    from .scan import scan
+    from .sources import open_source, select_targets
+
     started = time.perf_counter()
     if args.revision is not None and Path(args.model).exists():
         raise UsageError(f"--revision applies to Hub repo ids only, but {args.model} is a local path")
 
+    # Check the output paths as soon as they are known, before anything is downloaded or computed.
+    # The default path needs the model name, which comes from opening the source.
+    outputs = _output_paths(args, args.name) if args.output is not None or args.name is not None else None
+    if outputs is not None:
+        _check_outputs(args, outputs)
     weights = open_source(args.model, revision=args.revision)
+    name = args.name or weights.model_name
+    if outputs is None:
+        outputs = _output_paths(args, name)
+        _check_outputs(args, outputs)
+
     targets = select_targets(weights, args.target, args.exclude, skip_unsupported=args.skip_unsupported)
     # Fail on a bad budget or bad rank bounds before any SVD runs.
     check_budget(
@@ -230,14 +358,6 @@ def _plan_command(args: argparse.Namespace) -> int:
         names=[module.module for module in targets],
     )
     top_k = args.top_k or _default_top_k(args, len(targets))
-
-    name = args.name or weights.model_name
-    plan_path = args.output or Path("reports") / name / "plan.json"
-    spectra_path = plan_path.with_name("spectra.csv")
-    report_dir = args.report_dir or plan_path.parent
-    check_writable_location(plan_path)
-    if args.report:
-        check_writable_location(report_dir / "index.html")
 
     with _progress_bar(len(targets), enabled=not (args.quiet or args.json)) as progress:
         spectra = scan(
@@ -263,15 +383,7 @@ def _plan_command(args: argparse.Namespace) -> int:
         max_rank=args.max_rank,
         multiple_of=args.multiple_of,
     )
-
-    result.save(plan_path)
-    write_spectra_csv(spectra, spectra_path)
-    written = {"plan": str(plan_path), "spectra": str(spectra_path)}
-    if args.report:
-        from .report import report as write_report
-
-        write_report(result, spectra, report_dir)
-        written["report"] = str(report_dir)
+    written = _write_outputs(outputs, result, spectra)
 
     summary = _summary(result, spectra, written, time.perf_counter() - started)
     if args.json:
@@ -281,8 +393,27 @@ def _plan_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _write_outputs(outputs: OutputPaths, result, spectra) -> dict[str, str]:
+    """Write the plan, the spectra table and the report all together, or none of them."""
+    from .scan import write_spectra_csv
+
+    with StagedWrites() as staged:
+        result.save(staged.folder(outputs.plan.parent) / outputs.plan.name)
+        write_spectra_csv(spectra, staged.folder(outputs.spectra.parent) / outputs.spectra.name)
+        if outputs.report_dir is not None:
+            from .report import report as write_report
+
+            write_report(result, spectra, staged.folder(outputs.report_dir))
+    written = {"plan": str(outputs.plan), "spectra": str(outputs.spectra)}
+    if outputs.report_dir is not None:
+        written["report"] = str(outputs.report_dir)
+    return written
+
+
 def _default_top_k(args: argparse.Namespace, n_modules: int) -> int:
     """Singular values to compute: enough for the largest rank any strategy may give a module."""
+    from .allocation import Budget
+
     if args.max_rank is not None:
         return max(args.max_rank, DEFAULT_TOP_K)
     average = Budget.parse(args.budget).average_rank(n_modules)
@@ -304,16 +435,16 @@ def _progress_bar(total: int, *, enabled: bool):
 
 
 def _summary(result, spectra, written: dict, seconds: float) -> dict:
-    ranks = np.array(list(result.ranks.values()))
+    ranks = list(result.ranks.values())
     totals = result.totals
     return {
         "model": result.source.get("model_name"),
         "strategy": result.settings.get("strategy"),
         "budget": result.settings.get("budget"),
         "modules": totals["modules"],
-        "rank_min": int(ranks.min()),
-        "rank_median": float(np.median(ranks)),
-        "rank_max": int(ranks.max()),
+        "rank_min": min(ranks),
+        "rank_median": float(statistics.median(ranks)),
+        "rank_max": max(ranks),
         "rank_sum": totals["rank_sum"],
         "core_params": totals["core_params"],
         "pmb_params": totals["pmb_params"],
@@ -328,13 +459,14 @@ def _summary(result, spectra, written: dict, seconds: float) -> dict:
 def _summary_table(summary: dict) -> str:
     ratio = summary["lora_params"] / max(summary["core_params"], 1)
     lines = [
-        f"model        {summary['model']}  ({summary['modules']} modules, strategy {summary['strategy']}, "
-        f"budget {summary['budget']})",
+        f"model        {summary['model']}  ({count_noun(summary['modules'], 'module')}, "
+        f"strategy {summary['strategy']}, budget {summary['budget']})",
         f"rank         min {summary['rank_min']}  median {summary['rank_median']:g}  max {summary['rank_max']}  "
         f"sum {summary['rank_sum']}",
         f"trainable    core {summary['core_params']:,} (sum r^2)  + PMB {summary['pmb_params']:,} until frozen",
         f"LoRA         {summary['lora_params']:,} at the same ranks ({ratio:.1f}x the core)",
-        f"wall time    {summary['wall_seconds']:.1f} s  ({summary['spectra_computed']} spectra computed, "
+        f"wall time    {summary['wall_seconds']:.1f} s  "
+        f"({count_noun(summary['spectra_computed'], 'spectrum', 'spectra')} computed, "
         f"{summary['spectra_cached']} from cache)",
     ]
     lines += [f"wrote        {path}" for path in summary["written"].values()]

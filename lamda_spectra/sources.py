@@ -30,6 +30,7 @@ from huggingface_hub.utils import (
 )
 from safetensors import SafetensorError, safe_open
 
+from ._text import count_noun
 from .errors import LamdaWarning, SourceError, SpectrumError, UsageError
 
 logger = logging.getLogger(__name__)
@@ -353,7 +354,7 @@ def _load_weights(path: Path) -> tuple[list[Path], dict[str, TensorInfo], list[_
     absent = [(tensor, shard) for tensor, shard in weight_map.items() if tensor not in headers[shard].tensors]
     if absent:
         tensor, shard = absent[0]
-        more = f" ({len(absent) - 1} more tensors absent)" if len(absent) > 1 else ""
+        more = f" ({count_noun(len(absent) - 1, 'more tensor')} absent)" if len(absent) > 1 else ""
         raise SourceError(
             f"{path} maps tensor {tensor} to shard {shard}, which does not contain it{more}; "
             "the index and shards do not belong together, download them again"
@@ -554,16 +555,17 @@ def select_targets(
             unsupported.append(f"module {module} has a quantized or packed weight ({problem})")
 
     if unsupported and not skip_unsupported:
-        more = f" ({len(unsupported) - 1} more modules like it)" if len(unsupported) > 1 else ""
+        more = f" ({count_noun(len(unsupported) - 1, 'more module')} like it)" if len(unsupported) > 1 else ""
         raise SpectrumError(
             f"{unsupported[0]}{more}; dequantize the checkpoint to float32/float16/bfloat16 "
             "or pass --skip-unsupported to skip such modules"
         )
     for problem in unsupported:
-        warnings.warn(f"skipping {problem}", LamdaWarning, stacklevel=2)
+        warnings.warn(f"{problem}; skipped", LamdaWarning, stacklevel=2)
     if not targets:
         raise SpectrumError(
-            f"all {len(unsupported)} selected modules in {source.source} are quantized or packed; "
+            f"every selected module in {source.source} is quantized or packed "
+            f"({count_noun(len(unsupported), 'module')}); "
             "dequantize the checkpoint to float32/float16/bfloat16"
         )
     return targets
@@ -634,7 +636,7 @@ def _no_match_message(
         selection += f" minus --exclude {' '.join(exclude)}"
     return (
         f"no linear module in {source.source} matched {selection}; "
-        f"{len(candidates)} linear modules exist, for example: {sample}"
+        f"{count_noun(len(candidates), 'linear module')} in the checkpoint, for example: {sample}"
     )
 
 

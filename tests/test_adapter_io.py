@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from collections import OrderedDict
 
 import pytest
@@ -13,7 +14,7 @@ from test_adapter_helpers import TwoLayer, plan_for, relative_error
 from torch import nn
 
 from lamda_spectra.adapter import LamdaLinear, apply_plan, export_peft, load_adapter, merge_and_unload, save_adapter
-from lamda_spectra.errors import AdapterError
+from lamda_spectra.errors import AdapterError, LamdaWarning
 
 
 def tiny_gpt2() -> nn.Module:
@@ -281,26 +282,132 @@ def test_export_peft_config_and_ranks(tmp_path):
     assert len(tensors) == 6
 
 
-def test_export_peft_with_task_head(tmp_path):
-    from transformers import BertConfig, BertForSequenceClassification
+def tiny_classifier(kind: str = "bert") -> nn.Module:
+    """A one-layer sequence classifier with random weights (hidden size 32, 2 labels)."""
+    from transformers import BertConfig, BertForSequenceClassification, DistilBertConfig, DistilBertForSequenceClassification
 
     torch.manual_seed(0)
+    if kind == "distilbert":
+        config = DistilBertConfig(vocab_size=64, dim=32, n_layers=1, n_heads=4, hidden_dim=64, max_position_embeddings=32)
+        return DistilBertForSequenceClassification(config).eval()
     config = BertConfig(
         vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
         max_position_embeddings=32,
     )
-    original = BertForSequenceClassification(config).eval()
-    model = copy.deepcopy(original)
-    apply_plan(model, plan_for(model.bert, 4), total_steps=10)
-    with torch.no_grad():
-        model.classifier.weight.normal_()
-        for layer in model.lamda_handle.modules.values():
-            layer.lamda_S.normal_(std=0.1)
-    export_peft(model, tmp_path / "peft", modules_to_save=["classifier"])
+    return BertForSequenceClassification(config).eval()
 
+
+def with_trained_head(original: nn.Module, body: str, heads: list[str]) -> nn.Module:
+    """Adapt a copy of ``original``'s ``body`` and unfreeze and change its ``heads``, as fine-tuning would."""
+    model = copy.deepcopy(original)
+    apply_plan(model, plan_for(model.get_submodule(body), 4), total_steps=10)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in model.lamda_handle.modules.values():
+            layer.lamda_S.copy_(0.1 * torch.randn(layer.lamda_S.shape, generator=generator))
+        for name in heads:
+            head = model.get_submodule(name).requires_grad_(True)
+            head.weight.copy_(torch.randn(head.weight.shape, generator=generator))
+    return model
+
+
+def test_export_peft_with_task_head(tmp_path):
+    original = tiny_classifier()
+    model = with_trained_head(original, "bert", ["classifier"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LamdaWarning)
+        export_peft(model, tmp_path / "peft", modules_to_save=["classifier"])
+
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["classifier"]
+    tensors = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    assert torch.equal(tensors["base_model.model.classifier.weight"], model.classifier.weight)
     ids = gpt2_inputs()
     reloaded = load_peft(copy.deepcopy(original), tmp_path / "peft")
-    assert relative_error(reloaded(ids).logits.detach(), model(ids).logits.detach()) < 1e-5
+    logits = model(ids).logits.detach()
+    assert relative_error(logits, original(ids).logits.detach()) > 1e-2  # the head and adapters changed them
+    assert torch.allclose(reloaded(ids).logits.detach(), logits, rtol=0, atol=1e-5)
+
+
+def test_export_peft_unsaved_head_warns(tmp_path):
+    original = tiny_classifier()
+    model = with_trained_head(original, "bert", ["classifier"])
+    expected = (
+        r"export_peft leaves out 2 trainable parameters that are in no LaMDA adapter "
+        r"\(classifier.weight, classifier.bias\); pass modules_to_save=\['classifier'\] to store them"
+    )
+    with pytest.warns(LamdaWarning, match=expected):
+        export_peft(model, tmp_path / "peft")
+
+    tensors = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    assert not [key for key in tensors if "classifier" in key]
+    ids = gpt2_inputs()
+    reloaded = load_peft(copy.deepcopy(original), tmp_path / "peft")
+    assert relative_error(reloaded(ids).logits.detach(), model(ids).logits.detach()) > 1e-2
+
+
+def test_export_peft_saves_suffix_matches(tmp_path):
+    # PEFT matches modules_to_save entries as plain suffixes: "classifier" also wraps "pre_classifier".
+    original = tiny_classifier("distilbert")
+    model = with_trained_head(original, "distilbert", ["pre_classifier", "classifier"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LamdaWarning)
+        export_peft(model, tmp_path / "peft", modules_to_save=["classifier"])
+
+    tensors = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    assert torch.equal(tensors["base_model.model.pre_classifier.weight"], model.pre_classifier.weight)
+    ids = gpt2_inputs()
+    reloaded = load_peft(copy.deepcopy(original), tmp_path / "peft")
+    assert torch.allclose(reloaded(ids).logits.detach(), model(ids).logits.detach(), rtol=0, atol=1e-5)
+
+
+class Headed(nn.Module):
+    """An adapted ``body``, a ``layer`` whose name ends ``body.base_layer``, and a two-part ``head``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.scale = nn.Parameter(torch.ones(()))
+        self.body = nn.Linear(8, 8)
+        self.layer = nn.Linear(8, 8)
+        self.head = nn.Sequential(OrderedDict(dense=nn.Linear(8, 8), out=nn.Linear(8, 2)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * self.head(self.layer(self.body(x)))
+
+
+@pytest.mark.parametrize(
+    ("modules_to_save", "message"),
+    [
+        ("head", r"modules_to_save must be a list of module names, not the string 'head'"),
+        (["missing"], r"modules_to_save entry 'missing' is not a module of the model; pass full names"),
+        ([""], r"modules_to_save entry '' names the whole model; name its trained submodules"),
+        (["body"], r"modules_to_save entry body matches the adapted module body, which PEFT would then load"),
+        (["body.base_layer"], r"modules_to_save entry body.base_layer is part of an adapted module"),
+        (["layer"], r"modules_to_save entry layer would also make PEFT wrap its own module base_model.model.body.base_layer"),
+        (["head", "head.out"], r"PEFT would save both module head and its submodule head.out; save only head"),
+    ],
+    ids=["string", "missing", "root", "adapted", "inside-adapted", "lora-suffix", "nested"],
+)
+def test_export_peft_modules_to_save_rejected(tmp_path, modules_to_save, message):
+    model = Headed()
+    apply_plan(model, plan_for(model, 2, names=["body"]), total_steps=10)
+    with pytest.raises(AdapterError, match=message):
+        export_peft(model, tmp_path / "peft", modules_to_save=modules_to_save)
+    assert not (tmp_path / "peft").exists()
+
+
+def test_export_peft_unstorable_parameters_warn(tmp_path):
+    model = Headed()
+    apply_plan(model, plan_for(model, 2, names=["body"]), total_steps=10)
+    model.scale.requires_grad_(True)
+    model.body.base_layer.bias.requires_grad_(True)
+    expected = (
+        r"export_peft leaves out 2 trainable parameters that a PEFT LoRA adapter cannot store "
+        r"\(scale, body.base_layer.bias\); call merge_and_unload to keep their trained values"
+    )
+    with pytest.warns(LamdaWarning, match=expected):
+        export_peft(model, tmp_path / "peft")
 
 
 class Nested(nn.Module):

@@ -420,7 +420,10 @@ def test_zero_weight_gets_min_rank(strategy):
 def test_zero_weight_not_counted_in_feasible_range():
     normalized = [np.zeros(64), spectrum([0.5] * 1, 64)]
 
-    with pytest.raises(UsageError, match="feasible range is 2 to 9"):
+    with pytest.raises(
+        UsageError,
+        match=r"largest feasible budget is 9, because .* an all-zero weight keeps the minimum rank \(1 such module\)",
+    ):
         allocate(normalized, [64, 64], "12", "energy", max_rank=8)
 
 
@@ -431,11 +434,14 @@ def test_zero_weight_not_counted_in_feasible_range():
 @pytest.mark.parametrize(
     ("budget", "message"),
     [
-        ("2", r"budget 2 is infeasible for 3 modules with min_rank 1 and max_rank 8 .* feasible range is 3 to 24;"),
-        ("25", r"feasible range is 3 to 24; choose a budget in that range or change the rank bounds"),
-        ("avg:9", r"budget avg:9 is infeasible .* feasible range is avg:1 to avg:8;"),
-        ("params:2", r"budget params:2 is infeasible .* feasible range is params:3 to params:192;"),
-        ("params:200", r"feasible range is params:3 to params:192;"),
+        ("2", r"budget 2 is infeasible for 3 modules: the smallest feasible budget is 3, because every module gets "
+         r"at least min_rank 1 .*; choose a budget of at least 3 or lower min_rank$"),
+        ("25", r"budget 25 is infeasible for 3 modules: the largest feasible budget is 24, because each module's rank "
+         r"is capped at max_rank 8 or min\(d_out, d_in\), whichever is smaller; choose a budget of at most 24 or "
+         r"raise max_rank$"),
+        ("avg:9", r"budget avg:9 is infeasible .* the largest feasible budget is avg:8,"),
+        ("params:2", r"budget params:2 is infeasible .* the smallest feasible budget is params:3,"),
+        ("params:200", r"the largest feasible budget is params:192,"),
     ],
 )
 def test_infeasible_budget_prints_range(budget, message):
@@ -448,8 +454,38 @@ def test_infeasible_budget_prints_range(budget, message):
 def test_infeasible_budget_counts_module_dims():
     normalized = [spectrum([0.5, 0.5], 2), spectrum([0.5], 64)]
 
-    with pytest.raises(UsageError, match="feasible range is avg:1 to avg:5;"):
+    with pytest.raises(UsageError, match="the largest feasible budget is avg:5,"):
         allocate(normalized, [2, 64], "avg:6", "energy", max_rank=8)
+
+
+def test_budget_above_dims_omits_default_max_rank():
+    normalized = with_scores([0.5, 0.5], r0=4, dim=32)
+
+    capped = r"largest feasible budget is 64, because each module's rank is capped at min\(d_out, d_in\);"
+    with pytest.raises(UsageError, match=capped) as caught:
+        allocate(normalized, [32, 32], "100", "energy")
+
+    assert "max_rank" not in str(caught.value)
+
+
+def test_budget_below_minimum_for_one_module():
+    with pytest.raises(UsageError, match=r"^budget 2 is infeasible for 1 module: the smallest feasible budget is 4,"):
+        allocate(with_scores([0.5], 4), [64], "2", "energy", min_rank=4, max_rank=8)
+
+
+@pytest.mark.parametrize("strategy", ["energy", "uniform"])
+def test_r0_above_every_module_rejected(strategy):
+    normalized = [spectrum([0.5], 16), spectrum([0.5], 32)]
+
+    message = r"^r0 33 is above min\(d_out, d_in\) of every module \(largest: 32, module b\); choose r0 of at most 32$"
+    with pytest.raises(UsageError, match=message):
+        allocate(normalized, [16, 32], "avg:4", strategy, r0=33, names=["a", "b"])
+
+
+def test_r0_above_some_modules_allowed():
+    normalized = [spectrum([0.5], 16), spectrum([0.5], 32)]
+
+    assert allocate(normalized, [16, 32], "avg:4", "uniform", r0=32).ranks == (16, 16)
 
 
 def test_max_rank_below_min_rank():
@@ -484,7 +520,7 @@ def test_too_few_singular_values_asks_rescan(strategy):
 
     with pytest.raises(
         UsageError,
-        match=rf"module a \(and 1 more modules\) has 16 singular values in the spectra table but the {strategy} "
+        match=rf"module a \(and 1 more module\) has 16 singular values in the spectra table but the {strategy} "
         r"strategy needs 32 \(max_rank 32, r0 8\); rescan with a larger top_k \(at least 32\)",
     ):
         allocate(truncated, [64] * 3, "avg:8", strategy, names=["a", "b", "c"])

@@ -206,7 +206,7 @@ def test_plan_bad_budget_is_usage_error():
 
 
 def test_plan_infeasible_budget_is_usage_error():
-    with pytest.raises(UsageError, match="feasible range is 2 to 8"):
+    with pytest.raises(UsageError, match="the largest feasible budget is 8, because .* capped at max_rank 4 "):
         plan(two_modules(), budget="9", max_rank=4)
 
 

@@ -6,13 +6,15 @@ import importlib
 import math
 import re
 import time
+import warnings
+from dataclasses import replace
 
 import matplotlib.image
 import numpy as np
 import pandas as pd
 import pytest
 
-from lamda_spectra.errors import ReportError
+from lamda_spectra.errors import LamdaWarning, ReportError
 from lamda_spectra.plan import ModulePlan, Plan
 from lamda_spectra.report import COMPARE_FILES, REPORT_FILES, compare, main, report
 from lamda_spectra.scan import SPECTRA_COLUMNS, read_spectra_csv, write_spectra_csv
@@ -342,6 +344,39 @@ def test_compare_disjoint_plans(tmp_path):
         compare(plan_a, plan_b, tmp_path / "out")
 
 
+def hub_plan(spectra: pd.DataFrame, fingerprint: str = OTHER_FINGERPRINT) -> Plan:
+    """A plan of ``spectra`` whose source is the Hub repo org/model at revision main."""
+    source = {"kind": "hub", "repo_id": "org/model", "revision": "main", "model_name": "model"}
+    return replace(synthetic_plan(spectra, fingerprint=fingerprint), source=source)
+
+
+def test_compare_other_weights_warns(tmp_path):
+    plan_a = synthetic_plan(synthetic_spectra(2, LLAMA_TYPES))
+    plan_b = hub_plan(synthetic_spectra(2, LLAMA_TYPES, fingerprint=OTHER_FINGERPRINT))
+    expected = (
+        r"plan A comes from /synthetic \(fingerprint abababababab\) and plan B from org/model@main "
+        r"\(fingerprint cdcdcdcdcdcd\), so this comparison is across different weights"
+    )
+    with pytest.warns(LamdaWarning, match=expected):
+        written = compare(plan_a, plan_b, tmp_path)
+    assert [path.name for path in written] == list(COMPARE_FILES)
+
+
+def test_compare_same_weights_silent(tmp_path):
+    spectra = synthetic_spectra(2, LLAMA_TYPES)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LamdaWarning)
+        compare(synthetic_plan(spectra, r0=4), hub_plan(spectra, fingerprint=FINGERPRINT), tmp_path)
+
+
+def test_compare_unknown_fingerprint_logged(tmp_path, caplog):
+    spectra = synthetic_spectra(2, LLAMA_TYPES)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LamdaWarning)
+        compare(synthetic_plan(spectra), synthetic_plan(spectra, fingerprint=""), tmp_path)
+    assert "cannot check that plan A and plan B come from the same weights: no fingerprint" in caplog.text
+
+
 def test_command_redraws_report_beside_plan(tmp_path, bert_inputs, capsys):
     plan, spectra = bert_inputs
     plan_path = plan.save(tmp_path / "plan.json")
@@ -359,6 +394,18 @@ def test_command_compare(tmp_path):
     assert sorted(path.name for path in (tmp_path / "cmp").iterdir()) == sorted(COMPARE_FILES)
 
 
+def test_command_compare_other_weights_warns(tmp_path, capsys):
+    path_a = synthetic_plan(synthetic_spectra(2, LLAMA_TYPES)).save(tmp_path / "a" / "plan.json")
+    plan_b = hub_plan(synthetic_spectra(2, LLAMA_TYPES, fingerprint=OTHER_FINGERPRINT))
+    path_b = plan_b.save(tmp_path / "b" / "plan.json")
+    assert main(["--compare", str(path_a), str(path_b), "-o", str(tmp_path / "cmp")]) == 0
+    assert capsys.readouterr().err.splitlines() == [
+        "lamda-report: warning: plan A (a/plan.json) comes from /synthetic (fingerprint abababababab) and "
+        "plan B (b/plan.json) from org/model@main (fingerprint cdcdcdcdcdcd), so this comparison is across "
+        "different weights"
+    ]
+
+
 def test_command_errors_are_one_line(tmp_path, bert_inputs, capsys):
     plan, _ = bert_inputs
     plan_path = plan.save(tmp_path / "plan.json")
@@ -371,9 +418,14 @@ def test_command_errors_are_one_line(tmp_path, bert_inputs, capsys):
 
 
 @pytest.mark.parametrize(
-    "argv",
-    [[], ["a.json", "--compare", "a.json", "b.json"], ["--compare", "a.json", "b.json", "--spectra", "s.csv"]],
+    ("argv", "message"),
+    [
+        ([], "give either PLAN or --compare PLAN_A PLAN_B"),
+        (["a.json", "--compare", "a.json", "b.json"], "give either PLAN or --compare PLAN_A PLAN_B"),
+        (["--compare", "a.json", "b.json", "--spectra", "s.csv"], "--spectra applies to a single PLAN, not to --compare"),
+    ],
+    ids=["nothing", "both", "spectra-with-compare"],
 )
-def test_command_usage_errors(argv, capsys):
+def test_command_usage_errors(argv, message, capsys):
     assert main(argv) == 2
-    assert "usage: lamda-report" in capsys.readouterr().err
+    assert capsys.readouterr().err == f"lamda-report: error: {message}; see lamda-report --help\n"

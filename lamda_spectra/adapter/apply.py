@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .._text import count_noun
 from ..errors import AdapterError
 from ..plan import Plan, load_plan
 from ..spectra import top_svd
@@ -83,7 +84,7 @@ def apply_plan(
     targets, fit_problems = plan_problems(model, plan)
     problems += fit_problems
     if problems:
-        raise AdapterError(f"cannot apply the plan ({len(problems)} problems): " + "; ".join(problems))
+        raise AdapterError(f"cannot apply the plan ({count_noun(len(problems), 'problem')}): " + "; ".join(problems))
 
     settings = AdapterSettings(init, float(scaling), float(dropout), float(freeze_fraction), total_steps, adapter_dtype)
     # Every SVD runs before the first change, so a failing one leaves the model as it was.

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .._io import atomic_directory, atomic_write_text
+from .._text import count_noun
 from ..errors import AdapterError, PlanError
 from ..plan import Plan
 from .apply import attach_handle, check_not_adapted, replace_module
@@ -122,7 +123,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> LamdaHandle:
     problems += tensor_problems(config, plan.modules, tensors, settings.init)
     problems += saved_module_problems(model, config["modules_to_save"], tensors)
     if problems:
-        raise AdapterError(f"cannot load the adapter in {folder} ({len(problems)} problems): " + "; ".join(problems))
+        raise AdapterError(f"cannot load the adapter in {folder} ({count_noun(len(problems), 'problem')}): " + "; ".join(problems))
 
     model.requires_grad_(False)
     modules = {}

@@ -43,6 +43,7 @@ from .tables import (
     modules_csv_text,
     read_plan,
     read_spectra,
+    warn_if_other_weights,
 )
 
 __all__ = ["REPORT_FILES", "COMPARE_FILES", "report", "compare", "main"]
@@ -127,7 +128,8 @@ def compare(
     """Draw the rank maps of two plans side by side with their difference ``B - A``.
 
     Writes ``rank_map_compare.png`` and ``rank_map_compare.csv`` (module, layer, type,
-    ``rank_a``, ``rank_b``, ``difference``) into ``out_dir``, all at once.
+    ``rank_a``, ``rank_b``, ``difference``) into ``out_dir``, all at once. Plans of different
+    weights (different fingerprints) are still compared, with a :class:`LamdaWarning`.
 
     Returns:
         The written paths, in the order of :data:`COMPARE_FILES`.
@@ -138,13 +140,17 @@ def compare(
     """
     names = []
     plans = []
-    for plan in (plan_a, plan_b):
+    labels = []
+    for letter, plan in zip("AB", (plan_a, plan_b)):
         if isinstance(plan, Plan):
             plans.append(plan)
             names.append(_describe(plan))
+            labels.append(f"plan {letter}")
         else:
             plans.append(read_plan(plan))
             names.append(f"{_describe(plans[-1])} ({_short_path(plan)})")
+            labels.append(f"plan {letter} ({_short_path(plan)})")
+    warn_if_other_weights(*plans, *labels)
     grid = compare_grid(*plans)
     table = grid.table[["module", "row", "type", "label", "rank_a", "rank_b", "difference"]]
 

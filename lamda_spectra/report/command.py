@@ -28,7 +28,12 @@ exit codes: 0 success, 1 failure (input or output), 2 usage error (options).
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    """Build the ``lamda-report`` parser."""
+    # Imported here because the package imports this module, and a module-level import of the
+    # cli would load it before ``python -m lamda_spectra.cli`` runs it.
+    from ..cli import OneLineArgumentParser
+
+    parser = OneLineArgumentParser(
         prog="lamda-report",
         description=DESCRIPTION,
         epilog=EPILOG,
@@ -63,19 +68,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``lamda-report``; returns the process exit code (0, 1 on failure, 2 on usage errors)."""
-    from ..cli import run_command
+    from ..cli import parse_arguments, run_command
 
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-        if (args.plan is None) == (args.compare is None):
-            parser.error("give either PLAN or --compare PLAN_A PLAN_B")
-        if args.compare is not None and args.spectra is not None:
-            parser.error("--spectra applies to a single PLAN, not to --compare")
-    except SystemExit as exit:
-        # argparse exits with 2 on usage errors and 0 after --help or --version.
-        return int(exit.code or 0)
+    args = parse_arguments(build_parser(), argv, check=_check_arguments)
+    if isinstance(args, int):
+        return args
     return run_command("lamda-report", _report_command, args)
+
+
+def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if (args.plan is None) == (args.compare is None):
+        parser.error("give either PLAN or --compare PLAN_A PLAN_B")
+    if args.compare is not None and args.spectra is not None:
+        parser.error("--spectra applies to a single PLAN, not to --compare")
 
 
 def _report_command(args: argparse.Namespace) -> int:

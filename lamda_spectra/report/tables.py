@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
 
-from ..errors import LamdaError, ReportError
+from ..errors import LamdaError, LamdaWarning, ReportError
 from ..plan import Plan, load_plan
 from ..scan import SPECTRA_COLUMNS, read_spectra_csv
 from .names import OTHER_ROW, order_labels, parse_module_name, row_labels, short_labels
@@ -109,6 +110,33 @@ def check_same_weights(plan: Plan, spectra: pd.DataFrame, origin: str) -> None:
     if missing:
         sample = ", ".join(missing[:3])
         raise ReportError(f"{origin} has no spectrum for {len(missing)} planned modules (for example {sample})")
+
+
+def warn_if_other_weights(plan_a: Plan, plan_b: Plan, label_a: str, label_b: str) -> None:
+    """Warn with a :class:`LamdaWarning` when two compared plans come from different weights.
+
+    Rank differences between plans of different checkpoints mix the effect of the weights with
+    that of the settings. A plan with an unknown fingerprint (``""``) cannot be checked, which is
+    only logged.
+    """
+    if not plan_a.fingerprint or not plan_b.fingerprint:
+        logger.warning("cannot check that %s and %s come from the same weights: no fingerprint", label_a, label_b)
+    elif plan_a.fingerprint != plan_b.fingerprint:
+        message = (
+            f"{label_a} comes from {describe_source(plan_a.source)} (fingerprint {plan_a.fingerprint[:12]}) and "
+            f"{label_b} from {describe_source(plan_b.source)} (fingerprint {plan_b.fingerprint[:12]}), "
+            "so this comparison is across different weights"
+        )
+        # stacklevel 3 points at the caller of report.compare.
+        warnings.warn(message, LamdaWarning, stacklevel=3)
+
+
+def describe_source(source: dict) -> str:
+    """Name a plan's checkpoint: Hub repo id (with ``@revision``), else path, else model name."""
+    if source.get("repo_id"):
+        revision = source.get("revision")
+        return f"{source['repo_id']}@{revision}" if revision else str(source["repo_id"])
+    return str(source.get("path") or source.get("model_name") or "an unknown checkpoint")
 
 
 def place_modules(names: list[str]) -> ModuleGrid:
