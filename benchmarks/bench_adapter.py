@@ -55,6 +55,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common  # noqa: E402
+
 from lamda_spectra.adapter import apply_plan  # noqa: E402
 from lamda_spectra.adapter.layer import layout_of, weight_matrix  # noqa: E402
 from lamda_spectra.adapter.memory import optimizer_state_bytes, saved_activation_bytes  # noqa: E402
@@ -254,7 +258,7 @@ def measure_memory(workload: Workload, method: str, plan_path: Path) -> dict:
 
 
 def measure_step_times(workload: Workload, methods: list[str], plan_path: Path, steps: int, warmup: int) -> dict:
-    """Time the set-ups one step of each in turn; return method to median seconds per step."""
+    """Time the set-ups one step of each in turn; return method to :func:`_common.stats` of its step seconds."""
     setups = {method: SetUp(workload, method, plan_path) for method in methods}
     times = {method: [] for method in methods}
     for index in range(warmup + steps):
@@ -262,7 +266,7 @@ def measure_step_times(workload: Workload, methods: list[str], plan_path: Path, 
             elapsed = setup.step()
             if index >= warmup:
                 times[method].append(elapsed)
-    return {method: statistics.median(values) if values else float("nan") for method, values in times.items()}
+    return {method: _common.stats(values) for method, values in times.items()}
 
 
 def measure_memory_in_subprocess(size: str, model_key: str, method: str, plan_path: Path) -> dict:
@@ -275,17 +279,20 @@ def measure_memory_in_subprocess(size: str, model_key: str, method: str, plan_pa
 
 
 def summarize(results: list[dict]) -> list[str]:
-    """Format the results as a table, then the LoRA-to-LaMDA ratios per model."""
-    lines = [
-        f"{'model':10} {'method':13} {'trainable':>11} {'optim MB':>9} {'saved act MB':>13} "
-        f"{'peak RSS MB':>12} {'step s':>8}"
-    ]
+    """Format the results as a markdown table, then a table of LoRA-to-LaMDA ratios per model."""
+    rows = []
     for r in results:
-        lines.append(
-            f"{r['model']:10} {r['method']:13} {r['trainable_params']:>11,} "
-            f"{r['optimizer_state_bytes'] / 2**20:>9.2f} {r['saved_activation_bytes'] / 2**20:>13.1f} "
-            f"{r['peak_rss_bytes'] / 2**20:>12.0f} {r['step_seconds_median']:>8.3f}"
+        step = _common.show(r["step_seconds"], digits=3) if r["step_seconds"] else "not timed"
+        rows.append(
+            [
+                r["model"], r["method"], f"{r['trainable_params']:,}",
+                f"{r['optimizer_state_bytes'] / 2**20:.2f}", f"{r['saved_activation_bytes'] / 2**20:.1f}",
+                f"{r['peak_rss_bytes'] / 2**20:.0f}", step,
+            ]
         )
+    headers = ["model", "method", "trainable", "optimizer MiB", "saved act MiB", "peak RSS MiB", "step s, median (min-max)"]
+    lines = [_common.markdown_table(headers, rows), ""]
+    ratios = []
     for model in dict.fromkeys(r["model"] for r in results):
         by_method = {r["method"]: r for r in results if r["model"] == model}
         lora = by_method.get("lora")
@@ -293,13 +300,20 @@ def summarize(results: list[dict]) -> list[str]:
             lamda = by_method.get(method)
             if lora is None or lamda is None:
                 continue
-            lines.append(
-                f"{model} LoRA / {method}: "
-                f"saved activations {lora['saved_activation_bytes'] / lamda['saved_activation_bytes']:.2f}x, "
-                f"trainable parameters {lora['trainable_params'] / lamda['trainable_params']:.1f}x, "
-                f"optimizer state {lora['optimizer_state_bytes'] / lamda['optimizer_state_bytes']:.1f}x, "
-                f"step time {lora['step_seconds_median'] / lamda['step_seconds_median']:.2f}x"
+            step_ratio = "not timed"
+            if lora["step_seconds"] and lamda["step_seconds"]:
+                step_ratio = f"{lora['step_seconds']['median'] / lamda['step_seconds']['median']:.2f}x"
+            ratios.append(
+                [
+                    model, method,
+                    f"{lora['trainable_params'] / lamda['trainable_params']:.1f}x",
+                    f"{lora['optimizer_state_bytes'] / lamda['optimizer_state_bytes']:.1f}x",
+                    f"{lora['saved_activation_bytes'] / lamda['saved_activation_bytes']:.3f}x",
+                    step_ratio,
+                ]
             )
+    headers = ["model", "LoRA / ...", "trainable", "optimizer state", "saved activations", "step time"]
+    lines.append(_common.markdown_table(headers, ratios))
     return lines
 
 
@@ -321,6 +335,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(json.dumps(measure_memory(workload, args.worker_method, Path(args.plan))))
         return []
 
+    env = _common.environment()
     results = []
     with tempfile.TemporaryDirectory() as scratch:
         for model_key in args.models:
@@ -333,16 +348,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 else:
                     rows.append(measure_memory_in_subprocess(args.size, model_key, method, plan_path))
                 print(json.dumps(rows[-1]), flush=True)
-            step_times = {method: float("nan") for method in args.methods}
+            step_times = {method: None for method in args.methods}
             if args.steps > 0:
                 step_times = measure_step_times(workload, args.methods, plan_path, args.steps, args.warmup)
             for row in rows:
-                row["step_seconds_median"] = step_times[row["method"]]
+                row["step_seconds"] = step_times[row["method"]]
                 row["steps_timed"] = args.steps
             results += rows
     print("\n".join(summarize(results)))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    print("\n" + _common.environment_markdown(env) + f"\n- load average at end: {_common.load_average()}")
+    print(f"\nRegenerate: `{_common.regenerate_command('bench_adapter.py', sys.argv[1:] if argv is None else argv)}`")
+    _common.write_json(args.json, {"environment": env, "results": results})
     return results
 
 
