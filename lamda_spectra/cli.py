@@ -3,11 +3,8 @@
 This module imports only the standard library and light project modules, so ``--help``,
 ``--version`` and usage errors return without loading torch, numpy or pandas. The commands
 import the scan, plan and report modules when they run, inside :func:`run_command`, so a
-Ctrl-C during those imports is reported like any other interruption.
-
-NOTE: ``lamda_spectra/__init__.py`` still imports the adapter, plan, report and scan modules
-when the package loads, before this module runs. Until it loads them on first use, ``--help``
-waits for torch and a Ctrl-C during those imports prints a traceback.
+Ctrl-C during those imports is reported like any other interruption. The package itself loads
+its exports on first use (see ``lamda_spectra/__init__.py``).
 """
 
 from __future__ import annotations
@@ -36,18 +33,37 @@ logger = logging.getLogger(__name__)
 STRATEGY_NAMES = ("energy", "uniform", "waterfill")
 DEFAULT_TOP_K = 64
 
-DESCRIPTION = """\
+PLAN_DESCRIPTION = """\
 Stream a checkpoint's linear weights, compute their singular-value spectra, and write a LaMDA++
 rank plan (plan.json), a spectra table (spectra.csv) and a spectra report.
 """
 
-EPILOG = """\
+PLAN_EPILOG = """\
 examples:
   lamda-plan meta-llama/Llama-2-7b-hf --budget avg:16
   lamda-plan ./my-model --budget params:2M --strategy waterfill -o plans/my-model.json
   lamda-plan ./model.safetensors --target q_proj --target v_proj --budget 512
 
 exit codes: 0 success, 1 failure (input, weights or output), 2 usage error (options).
+"""
+
+
+REPORT_DESCRIPTION = """\
+Redraw the spectra report (PNG figures, modules.csv, spectra.csv, index.html) of a saved plan
+from its spectra table, or draw the rank maps of two plans side by side with their difference.
+No SVD runs: everything comes from the plan and spectra.csv.
+"""
+
+REPORT_EPILOG = """\
+examples:
+  lamda-report reports/all-MiniLM-L6-v2/plan.json
+  lamda-report runs/a/plan.json --spectra runs/a/spectra.csv -o runs/a/report
+  lamda-report --compare runs/energy/plan.json runs/waterfill/plan.json -o runs/compare
+
+The spectra plots show every singular value when the scan ran with lamda-plan --full-spectrum,
+and otherwise the top values it computed (their titles say which).
+
+exit codes: 0 success, 1 failure (input or output), 2 usage error (options).
 """
 
 
@@ -99,8 +115,8 @@ def build_plan_parser() -> argparse.ArgumentParser:
     """Build the ``lamda-plan`` parser."""
     parser = OneLineArgumentParser(
         prog="lamda-plan",
-        description=DESCRIPTION,
-        epilog=EPILOG,
+        description=PLAN_DESCRIPTION,
+        epilog=PLAN_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
@@ -202,6 +218,41 @@ def build_plan_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def build_report_parser() -> argparse.ArgumentParser:
+    """Build the ``lamda-report`` parser."""
+    parser = OneLineArgumentParser(
+        prog="lamda-report",
+        description=REPORT_DESCRIPTION,
+        epilog=REPORT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("plan", nargs="?", type=Path, help="plan file written by lamda-plan (plan.json)")
+    parser.add_argument(
+        "--spectra",
+        type=Path,
+        metavar="SPECTRA_CSV",
+        help="spectra table of the same weights (default: spectra.csv beside the plan)",
+    )
+    parser.add_argument(
+        "--compare",
+        nargs=2,
+        type=Path,
+        metavar=("PLAN_A", "PLAN_B"),
+        help="draw the rank maps of two plans side by side with their difference B - A "
+        "(writes rank_map_compare.png and rank_map_compare.csv)",
+    )
+    parser.add_argument(
+        "-o",
+        "--output-dir",
+        type=Path,
+        help="report folder (default: the folder of PLAN, or of PLAN_A with --compare)",
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
 def plan_main(argv: Sequence[str] | None = None) -> int:
     """Run ``lamda-plan``; returns the process exit code."""
     args = parse_arguments(build_plan_parser(), argv)
@@ -211,10 +262,33 @@ def plan_main(argv: Sequence[str] | None = None) -> int:
 
 
 def report_main(argv: Sequence[str] | None = None) -> int:
-    """Run ``lamda-report``; returns the process exit code."""
-    from .report.command import main
+    """Run ``lamda-report``; returns the process exit code (0, 1 on failure, 2 on usage errors)."""
+    args = parse_arguments(build_report_parser(), argv, check=_check_report_arguments)
+    if isinstance(args, int):
+        return args
+    return run_command("lamda-report", _report_command, args)
 
-    return main(argv)
+
+def _check_report_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if (args.plan is None) == (args.compare is None):
+        parser.error("give either PLAN or --compare PLAN_A PLAN_B")
+    if args.compare is not None and args.spectra is not None:
+        parser.error("--spectra applies to a single PLAN, not to --compare")
+
+
+def _report_command(args: argparse.Namespace) -> int:
+    from .report import compare, report
+
+    if args.compare is not None:
+        plan_a, plan_b = args.compare
+        written = compare(plan_a, plan_b, args.output_dir or plan_a.parent)
+    else:
+        spectra = args.spectra or args.plan.with_name("spectra.csv")
+        written = report(args.plan, spectra, args.output_dir or args.plan.parent)
+    if not args.quiet:
+        for path in written:
+            print(f"wrote {path}")
+    return 0
 
 
 def run_command(prog: str, command: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:

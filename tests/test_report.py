@@ -16,7 +16,8 @@ import pytest
 
 from lamda_spectra.errors import LamdaWarning, ReportError
 from lamda_spectra.plan import ModulePlan, Plan
-from lamda_spectra.report import COMPARE_FILES, REPORT_FILES, compare, main, report
+from lamda_spectra.cli import report_main as main
+from lamda_spectra.report import COMPARE_FILES, REPORT_FILES, compare, report
 from lamda_spectra.scan import SPECTRA_COLUMNS, read_spectra_csv, write_spectra_csv
 
 # The package attribute lamda_spectra.report is the report() function, so fetch the submodule.

@@ -30,7 +30,6 @@ from .._io import atomic_directory, atomic_write_bytes, atomic_write_text
 from ..errors import LamdaError, ReportError
 from ..plan import Plan
 from ..scan import write_spectra_csv
-from .command import main
 from .figures import cumulative_energy_figure, spectra_figure
 from .heatmaps import compare_rank_maps, energy_heatmap, rank_map
 from .html import index_html
@@ -46,7 +45,7 @@ from .tables import (
     warn_if_other_weights,
 )
 
-__all__ = ["REPORT_FILES", "COMPARE_FILES", "report", "compare", "main"]
+__all__ = ["REPORT_FILES", "COMPARE_FILES", "report", "compare"]
 
 logger = logging.getLogger(__name__)
 
