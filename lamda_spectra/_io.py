@@ -75,6 +75,8 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         LamdaError: if ``path`` cannot be created or written.
     """
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise LamdaError(f"cannot write into folder {path}: it is a file; move it or choose another output folder")
     _check_writable_parent(path)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:

@@ -201,7 +201,8 @@ def build_plan_parser() -> argparse.ArgumentParser:
         "-o",
         "--output",
         type=Path,
-        help="plan file path; spectra.csv is written beside it (default: reports/<model-name>/plan.json)",
+        help="plan file path; spectra.csv is written beside it (default: reports/<model-name>/plan.json). "
+        "Existing files with these names, and the report's, are replaced",
     )
     output.add_argument("--name", help="model name used in default output paths and titles (default: from MODEL)")
     output.add_argument(
@@ -471,13 +472,19 @@ def _write_outputs(outputs: OutputPaths, result, spectra) -> dict[str, str]:
     """Write the plan, the spectra table and the report all together, or none of them."""
     from .scan import write_spectra_csv
 
-    with StagedWrites() as staged:
-        result.save(staged.folder(outputs.plan.parent) / outputs.plan.name)
-        write_spectra_csv(spectra, staged.folder(outputs.spectra.parent) / outputs.spectra.name)
-        if outputs.report_dir is not None:
-            from .report import report as write_report
+    try:
+        with StagedWrites() as staged:
+            result.save(staged.folder(outputs.plan.parent) / outputs.plan.name)
+            write_spectra_csv(spectra, staged.folder(outputs.spectra.parent) / outputs.spectra.name)
+            if outputs.report_dir is not None:
+                from .report import report as write_report
 
-            write_report(result, spectra, staged.folder(outputs.report_dir))
+                write_report(result, spectra, staged.folder(outputs.report_dir))
+    except OSError as err:  # a full disk or a quota, after the up-front checks passed
+        raise LamdaError(
+            f"cannot write the outputs beside {outputs.plan}: {err.strerror or err}; nothing was written, "
+            "free some space or choose another output path"
+        ) from err
     written = {"plan": str(outputs.plan), "spectra": str(outputs.spectra)}
     if outputs.report_dir is not None:
         written["report"] = str(outputs.report_dir)

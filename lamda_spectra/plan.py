@@ -426,8 +426,14 @@ def plan(
     Raises:
         UsageError: invalid budget, strategy or rank bounds, an infeasible budget, or too few
             singular values in the table for the strategy (rescan with a larger ``top_k``).
-        PlanError: the table lacks columns or contains invalid values (every problem listed).
+        PlanError: ``spectra`` is not a DataFrame, lacks columns or contains invalid values
+            (every problem listed).
     """
+    if not isinstance(spectra, pd.DataFrame):
+        hint = f"; call plan(scan({str(spectra)!r}), ...)" if isinstance(spectra, (str, Path)) else ""
+        raise PlanError(
+            f"plan() takes the spectra table that lamda_spectra.scan returns, not a {type(spectra).__name__}{hint}"
+        )
     budget = Budget.parse(budget)
     rows = _table_rows(spectra)
     normalized = [_normalized_spectrum(row) for row in rows]

@@ -147,8 +147,20 @@ def source_record(weights: WeightSource) -> dict:
     if weights.kind == "hub":
         record.update(repo_id=weights.repo_id, revision=weights.revision)
     else:
-        record["path"] = str(Path(weights.source).resolve())
+        record["path"] = _portable_path(Path(weights.source).resolve())
     return record
+
+
+def _portable_path(path: Path) -> str:
+    """Return ``path`` relative to the working directory when it lies below it, else absolute.
+
+    A plan made inside a project (such as the committed demo, whose weights live in the
+    project's virtualenv) then reads the same in every clone of that project.
+    """
+    try:
+        return path.relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return str(path)
 
 
 def _resolve_device(device: str | None) -> torch.device:

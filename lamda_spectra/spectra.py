@@ -45,6 +45,7 @@ float64 matrix and one float64 row chunk of about 32 MB.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass
@@ -298,6 +299,29 @@ def _choose_method(n: int, k: int, full: bool, frobenius_sq: float) -> str:
     return "krylov"
 
 
+@contextlib.contextmanager
+def _small_lapack(matrix: torch.Tensor):
+    """Run a dense decomposition of a small CPU matrix on one thread.
+
+    LAPACK's reductions of small matrices are sequences of short parallel loops, each ending in
+    a barrier. When another process runs on one of the cores, every barrier waits for a descheduled
+    thread (a 384 x 384 ``eigvalsh`` with 2 threads took 0.01-0.9 s under such load). Measured
+    on the 2-core machine, one run each: idle, the MiniLM scan took 0.38 s instead of 0.45 s and
+    one 7B-shaped block 8.9 s either way; next to another torch process doing small
+    decompositions, 1.4-1.7 s instead of 1.7-2.0 s and 28 s instead of 43 s. Next to two
+    busy loops the block took 38 s against 30 s, within that load's noise.
+    """
+    if matrix.device.type != "cpu" or min(matrix.shape) > GRAM_MAX_DIM:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 # --- exact routines ------------------------------------------------------------------------
 
 
@@ -312,7 +336,9 @@ def _gram_matrix(tall: torch.Tensor) -> torch.Tensor:
 
 def _gram_values(tall: torch.Tensor, k: int, **_: object) -> np.ndarray:
     """Return every singular value, descending, from ``eigvalsh`` of the float64 Gram matrix."""
-    eigenvalues = torch.linalg.eigvalsh(_gram_matrix(tall)).flip(0)
+    gram = _gram_matrix(tall)
+    with _small_lapack(gram):
+        eigenvalues = torch.linalg.eigvalsh(gram).flip(0)
     return eigenvalues.clamp_min(0.0).sqrt().cpu().numpy()
 
 
@@ -328,7 +354,8 @@ def _exact_triplets(tall: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Ten
     """
     n = tall.shape[1]
     if n <= GRAM_MAX_DIM:
-        U, S, Vh = torch.linalg.svd(tall.to(torch.float64), full_matrices=False)
+        with _small_lapack(tall):
+            U, S, Vh = torch.linalg.svd(tall.to(torch.float64), full_matrices=False)
         return U[:, :r], S[:r], Vh[:r].T
     eigenvalues, eigenvectors = torch.linalg.eigh(_gram_matrix(tall))
     S = eigenvalues.flip(0)[:r].clamp_min(0.0).sqrt()
@@ -454,10 +481,11 @@ class _KrylovBasis:
     def ritz_pairs(self, count: int) -> _RitzPairs:
         """Solve the projected eigenproblem for its top ``count`` pairs and measure their residuals."""
         count = min(count, self.size)
-        # scipy's subset driver (MRRR) solves these sizes in 0.6x the time, but on 2 cores its
-        # BLAS threads slowed torch's next products: the 7B-shaped scan ran 25% slower, and
-        # no faster with scipy held to one thread (the eigensolves are 3-8% of the scan).
-        theta, vectors = torch.linalg.eigh(self.projected)
+        # scipy's subset driver (MRRR) solves these sizes in 0.6x the time. On 2 cores, though,
+        # its BLAS threads slowed torch's next products, and the 7B-shaped scan ran 25% slower.
+        # Held to one thread, scipy made the scan no faster: these solves are 3-8% of it.
+        with _small_lapack(self.projected):
+            theta, vectors = torch.linalg.eigh(self.projected)
         theta = theta.flip(0)[:count]
         coefficients = vectors.flip(1)[:, :count]
         gram_ritz = self.gram_images @ coefficients

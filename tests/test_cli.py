@@ -1,3 +1,4 @@
+import errno
 import importlib
 import json
 import os
@@ -362,6 +363,25 @@ def test_spectra_write_failure_leaves_no_plan(tmp_path, capsys, monkeypatch):
 
     assert code == 1
     assert "disk full" in error_line(capsys.readouterr().err)
+    assert not out.parent.exists()
+
+
+def test_disk_full_names_the_output(tmp_path, capsys, monkeypatch):
+    model = _known(tmp_path / "model")
+    out = tmp_path / "out" / "plan.json"
+    scan_module = importlib.import_module("lamda_spectra.scan")
+
+    def fail(table, path):
+        Path(path).write_text("half a table")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(scan_module, "write_spectra_csv", fail)
+
+    code = plan_main([str(model), "-o", str(out), "--no-report", "--budget", "8"])
+
+    line = error_line(capsys.readouterr().err)
+    assert code == 1
+    assert f"cannot write the outputs beside {out}: No space left on device; nothing was written" in line
     assert not out.parent.exists()
 
 

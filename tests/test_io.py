@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from lamda_spectra._io import StagedWrites, atomic_write_bytes, check_writable_location
+from lamda_spectra._io import StagedWrites, atomic_directory, atomic_write_bytes, check_writable_location
 from lamda_spectra.errors import LamdaError
 
 
@@ -132,3 +132,15 @@ def test_staged_folder_rejects_file(tmp_path):
             staged.folder(tmp_path / "report")
 
     assert tree(tmp_path) == ["report"]
+
+
+def test_atomic_directory_rejects_file(tmp_path):
+    existing = tmp_path / "notes.txt"
+    existing.write_text("precious")
+
+    with pytest.raises(LamdaError, match=r"notes.txt: it is a file; move it"):
+        with atomic_directory(existing) as staging:
+            (staging / "a.json").write_text("{}")
+
+    assert existing.read_text() == "precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]

@@ -411,3 +411,8 @@ def test_plan_copies_caller_dicts():
 
     assert result.settings == {"strategy": "energy"}
     assert list(result.modules) == ["a"]
+
+
+def test_plan_rejects_a_path(tmp_path):
+    with pytest.raises(PlanError, match=r"not a PosixPath; call plan\(scan\('.*'\), \.\.\.\)"):
+        plan(tmp_path, budget="avg:4")

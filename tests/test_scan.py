@@ -216,3 +216,17 @@ def test_peak_memory_bounded_by_largest_tensor(tmp_path):
     measured = json.loads(result.stdout.strip().splitlines()[-1])
     assert measured["modules"] == 16
     assert measured["peak_mb"] < 4 * largest_target_mb + 600
+
+
+def test_source_path_relative_below_working_dir(tmp_path, monkeypatch):
+    folder = tmp_path / "project" / "weights"
+    write_known_spectra(folder, {"model.layers.0.mlp.up_proj": (8, 6, [6.0, 5.0, 4.0, 3.0, 2.0, 1.0])})
+
+    monkeypatch.chdir(tmp_path / "project")
+    inside = scan(folder, top_k=2, use_cache=False).attrs["source"]["path"]
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    outside = scan(folder, top_k=2, use_cache=False).attrs["source"]["path"]
+
+    assert inside == "weights"
+    assert outside == str(folder.resolve())
