@@ -75,8 +75,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         LamdaError: if ``path`` cannot be created or written.
     """
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise LamdaError(f"cannot write into folder {path}: it is a file; move it or choose another output folder")
+    _reject_file_as_folder(path)
     _check_writable_parent(path)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
@@ -94,6 +93,11 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
             os.replace(item, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _reject_file_as_folder(path: Path) -> None:
+    if path.exists() and not path.is_dir():
+        raise LamdaError(f"cannot write into folder {path}: it is a file; move it or choose another output folder")
 
 
 def check_writable_location(path: str | os.PathLike, *, kind: Literal["file", "folder"] = "file") -> None:
@@ -117,8 +121,8 @@ def check_writable_location(path: str | os.PathLike, *, kind: Literal["file", "f
     path = Path(path).absolute()
     if kind == "file" and path.is_dir():
         raise LamdaError(f"cannot write file {path}: a folder has that name; move it or choose another output path")
-    if kind == "folder" and path.exists() and not path.is_dir():
-        raise LamdaError(f"cannot write into folder {path}: it is a file; move it or choose another output folder")
+    if kind == "folder":
+        _reject_file_as_folder(path)
     ancestor = path if kind == "folder" else path.parent
     while not ancestor.exists():
         ancestor = ancestor.parent
@@ -176,10 +180,7 @@ class StagedWrites:
         target = Path(target).absolute()
         if target in self._staging:
             return self._staging[target]
-        if target.exists() and not target.is_dir():
-            raise LamdaError(
-                f"cannot write into folder {target}: it is a file; move it or choose another output folder"
-            )
+        _reject_file_as_folder(target)
         self._make_folders(target)
         try:
             staging = Path(tempfile.mkdtemp(prefix=".staged-", suffix=".tmp", dir=target))

@@ -567,11 +567,15 @@ def test_cli_module_imports_no_heavy_packages():
     assert result.stderr.splitlines()[-1] == "loaded: []", result.stderr
 
 
-def test_help_imports_no_torch():
-    script = "import sys\nfrom lamda_spectra.cli import plan_main\nplan_main(['--help'])\nprint('torch' in sys.modules)"
+@pytest.mark.parametrize("main", ["plan_main", "report_main"])
+def test_help_imports_no_heavy_packages(main):
+    script = (
+        f"import sys\nfrom lamda_spectra.cli import {main}\n{main}(['--help'])\n"
+        "print(sorted({'torch', 'pandas', 'matplotlib'} & set(sys.modules)))"
+    )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
 
-    assert result.stdout.splitlines()[-1] == "False"
+    assert result.stdout.splitlines()[-1] == "[]"
 
 
 def test_summary_uses_singular_for_one(tmp_path, capsys):
