@@ -74,11 +74,16 @@ class Budget:
         if not isinstance(spec, str):
             raise UsageError(f"invalid budget {spec!r}: expected a string; use {BUDGET_FORMS}")
         text = spec.strip()
+        not_positive = UsageError(f"invalid budget {spec!r}: the value must be positive; use {BUDGET_FORMS}")
         budget = _parse_budget_text(text)
         if budget is None:
+            # The forms take unsigned numbers only, so a negative value would otherwise get no reason.
+            unsigned = re.sub(r"^(avg:|params:)?-", r"\1", text, flags=re.IGNORECASE)
+            if unsigned != text and _parse_budget_text(unsigned) is not None:
+                raise not_positive
             raise UsageError(f"invalid budget {spec!r}; use {BUDGET_FORMS}")
         if budget.value <= 0:
-            raise UsageError(f"invalid budget {spec!r}: the value must be positive; use {BUDGET_FORMS}")
+            raise not_positive
         return budget
 
     def average_rank(self, n_modules: int) -> float:

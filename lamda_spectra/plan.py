@@ -374,6 +374,8 @@ def load_plan(path: str | Path) -> Plan:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise PlanError(f"plan file {path} not found; check the path or create the plan with lamda-plan") from None
+    except IsADirectoryError:
+        raise PlanError(_folder_message(path)) from None
     except (OSError, UnicodeDecodeError) as err:
         reason = err.strerror if isinstance(err, OSError) else "not UTF-8 text"
         raise PlanError(f"cannot read plan file {path}: {reason}") from err
@@ -387,6 +389,14 @@ def load_plan(path: str | Path) -> Plan:
     if problems:
         raise PlanError(f"invalid plan file {path}: {'; '.join(problems)}; fix it or regenerate it with lamda-plan")
     return _plan_from_document(data)
+
+
+def _folder_message(path: Path) -> str:
+    """Describe a folder passed as a plan file, pointing at the plan.json inside it if there is one."""
+    inside = path / "plan.json"
+    if inside.is_file():
+        return f"plan file {path} is a folder, not a file; pass {inside}"
+    return f"plan file {path} is a folder, not a file; pass the plan.json that lamda-plan wrote"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -26,6 +26,8 @@ from the cache (``cached``).
 
 from __future__ import annotations
 
+import csv
+import io
 import logging
 import time
 import warnings
@@ -267,27 +269,30 @@ def read_spectra_csv(path: str | Path) -> pd.DataFrame:
     """Read a spectra table written by :func:`write_spectra_csv`.
 
     Raises:
-        LamdaError: the file is missing, not CSV, or lacks spectra columns (all of them named).
+        LamdaError: the file is missing, not CSV, lacks spectra columns (all of them named), looks
+            truncated (its last row is cut short) or has a malformed row (named by line and module).
     """
     path = Path(path)
     try:
-        frame = pd.read_csv(path, keep_default_na=True)
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError as err:
         raise LamdaError(f"spectra table {path} not found; pass the spectra.csv written by lamda-plan") from err
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+    except IsADirectoryError as err:
+        raise LamdaError(f"spectra table {path} is a folder; pass the spectra.csv file itself") from err
+    except UnicodeDecodeError as err:
+        raise LamdaError(f"spectra table {path} is not a readable CSV file: {err}") from err
+    try:
+        frame = pd.read_csv(io.StringIO(text), keep_default_na=True)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
         raise LamdaError(f"spectra table {path} is not a readable CSV file: {err}") from err
     missing = [column for column in SPECTRA_COLUMNS if column not in frame.columns]
     if missing:
         raise LamdaError(
             f"spectra table {path} lacks columns {', '.join(missing)}; regenerate it with lamda-plan"
         )
-    try:
-        frame["singular_values"] = [
-            np.array(str(text).split(), dtype=np.float64) if isinstance(text, str) else np.zeros(0)
-            for text in frame["singular_values"]
-        ]
-    except ValueError as err:
-        raise LamdaError(f"spectra table {path} has a malformed singular_values cell: {err}") from err
+    rows = _data_rows(path, text, len(frame.columns))
+    frame["singular_values"] = _parse_singular_values(path, frame, rows)
+    _check_last_fingerprint(path, frame, rows)
     frame["full"] = frame["full"].astype(bool)
     fingerprints = frame["fingerprint"].unique()
     frame.attrs.update(
@@ -296,3 +301,63 @@ def read_spectra_csv(path: str | Path) -> pd.DataFrame:
         top_k=int(frame["n_values"].max()) if len(frame) else 0,
     )
     return frame
+
+
+def _data_rows(path: Path, text: str, n_columns: int) -> list[tuple[int, str]]:
+    """Return the line number and module of each data row, raising when a row has too few fields.
+
+    pandas fills the missing fields of a short row with NaN, so a spectra.csv cut off in the
+    middle of its last row would otherwise load without an error.
+    """
+    reader = csv.reader(io.StringIO(text))
+    # pandas skips blank lines as well, so these rows line up with the frame's rows.
+    records = [(reader.line_num, fields) for fields in reader if fields][1:]
+    for index, (line, fields) in enumerate(records):
+        if len(fields) < n_columns:
+            detail = f"has {len(fields)} of {n_columns} fields"
+            raise LamdaError(_bad_row_message(path, line, fields[0], detail, last=index == len(records) - 1))
+    return [(line, fields[0]) for line, fields in records]
+
+
+def _parse_singular_values(path: Path, frame: pd.DataFrame, rows: list[tuple[int, str]]) -> list[np.ndarray]:
+    """Parse each space-separated singular_values cell and check its length against n_values."""
+    parsed = []
+    for (line, module), text, n_values in zip(rows, frame["singular_values"], frame["n_values"]):
+        try:
+            values = np.array(text.split(), dtype=np.float64) if isinstance(text, str) else np.zeros(0)
+        except ValueError as err:
+            raise LamdaError(
+                f"spectra table {path} has a malformed singular_values cell on line {line} (module {module}): "
+                f"{err}; rerun lamda-plan to regenerate it"
+            ) from err
+        try:
+            expected = int(n_values)
+        except (TypeError, ValueError):
+            expected = None
+        if expected != len(values):
+            detail = f"has {len(values)} singular values but n_values is {n_values}"
+            raise LamdaError(_bad_row_message(path, line, module, detail, last=False))
+        parsed.append(values)
+    return parsed
+
+
+def _check_last_fingerprint(path: Path, frame: pd.DataFrame, rows: list[tuple[int, str]]) -> None:
+    """Raise when the last row's fingerprint is a cut-off copy of the row before it.
+
+    The fingerprint is the last column, so a file cut inside it still has every field.
+    """
+    if len(frame) < 2:
+        return
+    # An empty last fingerprint (read as NaN) counts as a cut-off one too.
+    fingerprints = frame["fingerprint"].fillna("").astype(str)
+    last, previous = fingerprints.iloc[-1], fingerprints.iloc[-2]
+    if len(last) < len(previous) and previous.startswith(last):
+        line, module = rows[-1]
+        detail = f"has a fingerprint of {len(last)} characters where the other rows have {len(previous)}"
+        raise LamdaError(_bad_row_message(path, line, module, detail, last=True))
+
+
+def _bad_row_message(path: Path, line: int, module: str, detail: str, *, last: bool) -> str:
+    if last:
+        return f"spectra table {path} looks truncated: its last row (line {line}) {detail}; rerun lamda-plan to regenerate it"
+    return f"spectra table {path} is malformed: line {line} (module {module}) {detail}; rerun lamda-plan to regenerate it"

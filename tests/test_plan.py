@@ -271,6 +271,20 @@ def test_load_missing_file(tmp_path):
         load_plan(tmp_path / "absent.json")
 
 
+def test_load_folder_with_plan_inside(tmp_path):
+    plan(two_modules(), budget="4").save(tmp_path / "run" / "plan.json")
+
+    with pytest.raises(PlanError, match=f"plan file {tmp_path / 'run'} is a folder, not a file; pass {tmp_path / 'run' / 'plan.json'}$"):
+        load_plan(tmp_path / "run")
+
+
+def test_load_folder_without_plan(tmp_path):
+    (tmp_path / "empty").mkdir()
+
+    with pytest.raises(PlanError, match=f"plan file {tmp_path / 'empty'} is a folder, not a file; pass the plan.json that lamda-plan wrote$"):
+        load_plan(tmp_path / "empty")
+
+
 def test_load_not_json(tmp_path):
     path = tmp_path / "plan.json"
     path.write_text('{"format": ')

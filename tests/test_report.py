@@ -283,6 +283,27 @@ def test_missing_plan_file(tmp_path, bert_inputs):
         report(tmp_path / "missing.json", spectra, tmp_path / "out")
 
 
+def test_plan_folder_names_plan_inside(tmp_path, bert_inputs, capsys):
+    plan, _ = bert_inputs
+    plan.save(tmp_path / "run" / "plan.json")
+
+    assert main([str(tmp_path / "run")]) == 1
+
+    error = capsys.readouterr().err
+    assert error == f"lamda-report: error: plan file {tmp_path / 'run'} is a folder, not a file; pass {tmp_path / 'run' / 'plan.json'}\n"
+
+
+def test_truncated_spectra_csv_named(tmp_path, bert_inputs):
+    plan, spectra = bert_inputs
+    path = write_spectra_csv(spectra, tmp_path / "spectra.csv")
+    text = path.read_text()
+    path.write_text(text[: len(text) - 200])
+
+    with pytest.raises(ReportError, match=rf"spectra table {re.escape(str(path))} looks truncated: its last row \(line \d+\) "):
+        report(plan, path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_module_spectra(tmp_path, bert_inputs):
     plan, spectra = bert_inputs
     with pytest.raises(ReportError, match=r"has no spectrum for 1 planned modules \(for example pooler.dense\)"):

@@ -6,6 +6,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -171,6 +172,109 @@ def test_spectra_csv_missing_columns(tmp_path):
 
     with pytest.raises(LamdaError, match=r"spectra\.csv lacks columns layout, d_out"):
         read_spectra_csv(path)
+
+
+
+def _small_spectra_csv(tmp_path, n_rows=3):
+    """Write a spectra.csv of ``n_rows`` modules with 4 singular values each and return its path and text."""
+    rows = [
+        {
+            "module": f"encoder.layer.{index}.attention.self.query",
+            "tensor": f"encoder.layer.{index}.attention.self.query.weight",
+            "layout": "linear",
+            "d_out": 8,
+            "d_in": 8,
+            "dtype": "F32",
+            "frobenius_norm": 5.0,
+            "spectral_norm": 4.0,
+            "stable_rank": 1.5625,
+            "effective_rank": float("nan"),
+            "n_values": 4,
+            "full": False,
+            "method": "exact",
+            "singular_values": np.array([4.0, 2.0, 1.0, 0.5]),
+            "fingerprint": "ab" * 32,
+        }
+        for index in range(n_rows)
+    ]
+    path = write_spectra_csv(pd.DataFrame(rows, columns=list(SPECTRA_COLUMNS)), tmp_path / "spectra.csv")
+    return path, path.read_text()
+
+
+@pytest.mark.parametrize(
+    "cut",
+    [
+        pytest.param(lambda text: text[: text.rindex(",linear,") + 5], id="in-layout"),
+        pytest.param(lambda text: text[: text.rindex(" 1.0 0.5,") + 4], id="in-singular-values"),
+        pytest.param(lambda text: text[: text.rindex("abab") + 2], id="in-fingerprint"),
+        pytest.param(lambda text: text[: text.rindex(",abab") + 1], id="before-fingerprint"),
+    ],
+)
+def test_spectra_csv_truncated_last_row(tmp_path, cut):
+    path, text = _small_spectra_csv(tmp_path)
+    path.write_text(cut(text))
+
+    with pytest.raises(LamdaError, match=r"spectra\.csv looks truncated: its last row \(line 4\) ") as raised:
+        read_spectra_csv(path)
+
+    assert str(path) in str(raised.value)
+    assert str(raised.value).endswith("; rerun lamda-plan to regenerate it")
+
+
+def test_spectra_csv_truncated_field_count(tmp_path):
+    path, text = _small_spectra_csv(tmp_path)
+    path.write_text(text[: text.rindex(",linear,") + 5])
+
+    with pytest.raises(LamdaError, match=r"its last row \(line 4\) has 3 of 15 fields;"):
+        read_spectra_csv(path)
+
+
+def test_spectra_csv_short_middle_row(tmp_path):
+    path, text = _small_spectra_csv(tmp_path)
+    lines = text.splitlines(keepends=True)
+    lines[2] = lines[2][: lines[2].index(",F32,")] + "\n"
+    path.write_text("".join(lines))
+
+    with pytest.raises(
+        LamdaError,
+        match=r"spectra\.csv is malformed: line 3 \(module encoder\.layer\.1\.attention\.self\.query\) has 5 of 15 fields",
+    ):
+        read_spectra_csv(path)
+
+
+def test_spectra_csv_value_count_mismatch(tmp_path):
+    path, text = _small_spectra_csv(tmp_path)
+    path.write_text(text.replace("4.0 2.0 1.0 0.5", "4.0 2.0 1.0", 1))
+
+    with pytest.raises(
+        LamdaError,
+        match=r"line 2 \(module encoder\.layer\.0\.attention\.self\.query\) has 3 singular values but n_values is 4",
+    ):
+        read_spectra_csv(path)
+
+
+def test_spectra_csv_malformed_value_names_module(tmp_path):
+    path, text = _small_spectra_csv(tmp_path)
+    lines = text.splitlines(keepends=True)
+    lines[2] = lines[2].replace("4.0 2.0 1.0 0.5", "4.0 abc 1.0 0.5")
+    path.write_text("".join(lines))
+
+    with pytest.raises(
+        LamdaError,
+        match=r"has a malformed singular_values cell on line 3 \(module encoder\.layer\.1\.attention\.self\.query\): "
+        r"could not convert string to float: 'abc'",
+    ):
+        read_spectra_csv(path)
+
+
+def test_spectra_csv_small_table_reads(tmp_path):
+    path, _ = _small_spectra_csv(tmp_path)
+
+    table = read_spectra_csv(path)
+
+    assert len(table) == 3
+    np.testing.assert_array_equal(table["singular_values"].iloc[2], [4.0, 2.0, 1.0, 0.5])
+    assert table.attrs["fingerprint"] == "ab" * 32
 
 
 PEAK_RSS_SCRIPT = textwrap.dedent(
