@@ -124,6 +124,18 @@ def test_save_load_modules_to_save(tmp_path):
     assert torch.equal(run(fresh, inputs), run(model, inputs))
 
 
+def test_save_warns_about_unsaved_trainable_module(tmp_path):
+    model = TwoLayer()
+    apply_plan(model, plan_for(model, 2, names=["up", "square"]), total_steps=10)
+    model.down.requires_grad_(True)
+
+    with pytest.warns(LamdaWarning, match=r"leaves out 1 trainable parameter that no LaMDA adapter holds \(down.weight\)"):
+        save_adapter(model, tmp_path / "unsaved")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        save_adapter(model, tmp_path / "saved", modules_to_save=["down"])
+
+
 def test_save_without_adapters_writes_nothing(tmp_path):
     with pytest.raises(AdapterError, match="TwoLayer has no LaMDA adapters; call lamda_spectra.apply_plan or load_adapter first"):
         save_adapter(TwoLayer(), tmp_path / "adapter")

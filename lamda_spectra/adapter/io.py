@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -29,11 +30,11 @@ from torch import nn
 
 from .._io import atomic_directory, atomic_write_text
 from .._text import count_noun
-from ..errors import AdapterError, PlanError
+from ..errors import AdapterError, LamdaWarning, PlanError
 from ..plan import Plan
 from .apply import attach_handle, check_not_adapted, replace_module
-from .checks import plan_problems, settings_problems
-from .handle import AdapterSettings, LamdaHandle, find_handle
+from .checks import plan_problems, sample_names, settings_problems
+from .handle import AdapterSettings, LamdaHandle, find_handle, full_name
 from .initializers import subtract_principal_part
 from .layer import LamdaLinear
 
@@ -68,9 +69,10 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, modules_to_save: 
     """
     from .. import __version__  # imported here because the package imports this module
 
-    handle, _prefix = find_handle(model)
+    handle, prefix = find_handle(model)
     modules_to_save = list(modules_to_save or [])
     tensors = module_state_tensors(model, modules_to_save, SAVED_MODULE_PREFIX)
+    _warn_unsaved_trainable(model, [full_name(prefix, name) for name in handle.modules], modules_to_save)
     modules = {}
     for name, layer in handle.modules.items():
         layer.restore_frozen_rows()
@@ -95,6 +97,29 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, modules_to_save: 
         atomic_write_text(staging / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
     logger.info("saved %d LaMDA adapters to %s", len(modules), path)
     return Path(path)
+
+
+def _warn_unsaved_trainable(model: nn.Module, adapted: list[str], saved: list[str]) -> None:
+    """Warn about trainable parameters that neither an adapter nor a saved module holds.
+
+    A task head unfrozen next to the adapters is the usual case: without ``modules_to_save`` a
+    reloaded model would get the head's initial weights back.
+    """
+    adapter = {f"{name}.{parameter}" for name in adapted for parameter in ("lamda_S", "lamda_B")}
+    left_out = [
+        name
+        for name, parameter in model.named_parameters()
+        if parameter.requires_grad
+        and name not in adapter
+        and not any(not module or name.startswith(module + ".") for module in saved)
+    ]
+    if left_out:
+        warnings.warn(
+            f"save_adapter leaves out {count_noun(len(left_out), 'trainable parameter')} that no LaMDA adapter "
+            f"holds ({sample_names(left_out)}); pass their modules as modules_to_save to store them",
+            LamdaWarning,
+            stacklevel=3,
+        )
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> LamdaHandle:
