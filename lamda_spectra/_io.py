@@ -75,7 +75,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         LamdaError: if ``path`` cannot be created or written.
     """
     path = Path(path)
-    _reject_file_as_folder(path)
+    check_writable_location(path, kind="folder")
     _check_writable_parent(path)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:

@@ -280,12 +280,17 @@ def _check_report_arguments(parser: argparse.ArgumentParser, args: argparse.Name
 def _report_command(args: argparse.Namespace) -> int:
     from .report import compare, report
 
-    if args.compare is not None:
-        plan_a, plan_b = args.compare
-        written = compare(plan_a, plan_b, args.output_dir or plan_a.parent)
-    else:
-        spectra = args.spectra or args.plan.with_name("spectra.csv")
-        written = report(args.plan, spectra, args.output_dir or args.plan.parent)
+    out_dir = args.output_dir or (args.compare[0] if args.compare is not None else args.plan).parent
+    try:
+        if args.compare is not None:
+            written = compare(*args.compare, out_dir)
+        else:
+            written = report(args.plan, args.spectra or args.plan.with_name("spectra.csv"), out_dir)
+    except OSError as err:  # a full disk or a quota, after the checks on the folder passed
+        raise LamdaError(
+            f"cannot write the report into {out_dir}: {err.strerror or err}; nothing was written, "
+            "free some space or choose another output folder"
+        ) from err
     if not args.quiet:
         for path in written:
             print(f"wrote {path}")

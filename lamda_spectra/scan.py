@@ -291,9 +291,9 @@ def read_spectra_csv(path: str | Path) -> pd.DataFrame:
             f"spectra table {path} lacks columns {', '.join(missing)}; regenerate it with lamda-plan"
         )
     rows = _data_rows(path, text, len(frame.columns))
+    _check_numeric_cells(path, frame, rows)
     frame["singular_values"] = _parse_singular_values(path, frame, rows)
     _check_last_fingerprint(path, frame, rows)
-    frame["full"] = frame["full"].astype(bool)
     fingerprints = frame["fingerprint"].unique()
     frame.attrs.update(
         fingerprint=str(fingerprints[0]) if len(fingerprints) == 1 else None,
@@ -319,6 +319,48 @@ def _data_rows(path: Path, text: str, n_columns: int) -> list[tuple[int, str]]:
     return [(line, fields[0]) for line, fields in records]
 
 
+# Numeric columns: (allows NaN, must be a whole number). The scan writes NaN as the stable rank
+# of an all-zero weight and as the effective rank of a partial spectrum.
+_NUMERIC_COLUMNS = {
+    "d_out": (False, True),
+    "d_in": (False, True),
+    "n_values": (False, True),
+    "frobenius_norm": (False, False),
+    "spectral_norm": (False, False),
+    "stable_rank": (True, False),
+    "effective_rank": (True, False),
+}
+
+
+def _check_numeric_cells(path: Path, frame: pd.DataFrame, rows: list[tuple[int, str]]) -> None:
+    """Convert the numeric and boolean columns in place, naming the first cell that is not valid.
+
+    A single bad cell makes pandas read its whole column as text, which later checks would
+    report against every module instead of the broken one.
+    """
+    for column, (nan_allowed, whole) in _NUMERIC_COLUMNS.items():
+        values = pd.to_numeric(frame[column], errors="coerce").astype(np.float64)
+        valid = values.notna() & (values >= 0) & np.isfinite(values.fillna(0.0))
+        if whole:
+            valid &= values == values.round()
+        if nan_allowed:
+            valid |= frame[column].isna()
+        if not valid.all():
+            index = int(np.flatnonzero(~valid.to_numpy())[0])
+            line, module = rows[index]
+            kind = "whole number" if whole else "number"
+            detail = f"has {column} {frame[column].iloc[index]!r}, not a finite non-negative {kind}"
+            raise LamdaError(_bad_row_message(path, line, module, detail, last=False))
+        frame[column] = values.astype(np.int64) if whole else values
+    flags = frame["full"].astype(str)
+    bad = ~flags.isin(["True", "False"])
+    if bad.any():
+        line, module = rows[int(np.flatnonzero(bad.to_numpy())[0])]
+        detail = f"has full {frame['full'][bad].iloc[0]!r}, not True or False"
+        raise LamdaError(_bad_row_message(path, line, module, detail, last=False))
+    frame["full"] = flags == "True"
+
+
 def _parse_singular_values(path: Path, frame: pd.DataFrame, rows: list[tuple[int, str]]) -> list[np.ndarray]:
     """Parse each space-separated singular_values cell and check its length against n_values."""
     parsed = []
@@ -336,6 +378,9 @@ def _parse_singular_values(path: Path, frame: pd.DataFrame, rows: list[tuple[int
             expected = None
         if expected != len(values):
             detail = f"has {len(values)} singular values but n_values is {n_values}"
+            raise LamdaError(_bad_row_message(path, line, module, detail, last=False))
+        if not (np.all(np.isfinite(values)) and np.all(values >= 0) and np.all(np.diff(values) <= 0)):
+            detail = "has singular values that are not finite, non-negative and descending"
             raise LamdaError(_bad_row_message(path, line, module, detail, last=False))
         parsed.append(values)
     return parsed

@@ -14,7 +14,7 @@ from test_adapter_helpers import TwoLayer, plan_for, relative_error
 from torch import nn
 
 from lamda_spectra.adapter import LamdaLinear, apply_plan, export_peft, load_adapter, merge_and_unload, save_adapter
-from lamda_spectra.errors import AdapterError, LamdaWarning
+from lamda_spectra.errors import AdapterError, LamdaError, LamdaWarning
 
 
 def tiny_gpt2() -> nn.Module:
@@ -134,6 +134,22 @@ def test_save_warns_about_unsaved_trainable_module(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         save_adapter(model, tmp_path / "saved", modules_to_save=["down"])
+
+
+@pytest.mark.parametrize("write", [save_adapter, export_peft])
+def test_write_to_a_file_fails_before_warning(tmp_path, write):
+    model = TwoLayer()
+    apply_plan(model, plan_for(model, 2, names=["up", "square"]), total_steps=10)
+    model.down.requires_grad_(True)  # would be warned about if the write went ahead
+    existing = tmp_path / "notes.txt"
+    existing.write_text("precious")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(LamdaError, match=r"notes.txt: it is a file; move it or choose another output folder"):
+            write(model, existing)
+
+    assert existing.read_text() == "precious"
 
 
 def test_save_without_adapters_writes_nothing(tmp_path):

@@ -406,6 +406,24 @@ def test_report_failure_keeps_old_outputs(tmp_path, capsys, monkeypatch):
     assert (out / "plan.json").read_text() == "old plan"
 
 
+def test_report_disk_full_names_the_folder(tmp_path, capsys, monkeypatch):
+    model = _known(tmp_path / "model")
+    out = tmp_path / "out"
+    assert plan_main([str(model), "-o", str(out / "plan.json"), "--budget", "8", "--no-report", "-q"]) == 0
+    report_module = importlib.import_module("lamda_spectra.report")
+
+    def fail(plan, spectra, out_dir):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(report_module, "report", fail)
+
+    code = report_main([str(out / "plan.json"), "-o", str(tmp_path / "report")])
+
+    line = error_line(capsys.readouterr().err, prog="lamda-report")
+    assert code == 1
+    assert f"cannot write the report into {tmp_path / 'report'}: No space left on device;" in line
+
+
 def test_successful_run_leaves_no_temporary_files(tmp_path, capsys):
     model = _known(tmp_path / "model")
     out = tmp_path / "out"

@@ -334,3 +334,28 @@ def test_source_path_relative_below_working_dir(tmp_path, monkeypatch):
 
     assert inside == "weights"
     assert outside == str(folder.resolve())
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "fragment"),
+    [
+        (",5.0,", ",16.6645.60,", "has frobenius_norm '16.6645.60', not a finite non-negative number"),
+        (",linear,8,", ",linear,8x,", "has d_out '8x', not a finite non-negative whole number"),
+        (",False,", ",maybe,", "has full 'maybe', not True or False"),
+        ("4.0 2.0 1.0 0.5", "4.0 nan 1.0 0.5", "has singular values that are not finite, non-negative and descending"),
+        ("4.0 2.0 1.0 0.5", "4.0 2.0 2.5 0.5", "has singular values that are not finite, non-negative and descending"),
+    ],
+)
+def test_spectra_csv_bad_cell_names_row(tmp_path, old, new, fragment):
+    path, text = _small_spectra_csv(tmp_path)
+    lines = text.splitlines(keepends=True)
+    assert old in lines[2]
+    lines[2] = lines[2].replace(old, new, 1)
+    path.write_text("".join(lines))
+
+    with pytest.raises(LamdaError) as raised:
+        read_spectra_csv(path)
+
+    message = str(raised.value)
+    assert f"spectra table {path} is malformed: line 3 (module encoder.layer.1.attention.self.query) {fragment}" in message
+    assert message.endswith("; rerun lamda-plan to regenerate it")

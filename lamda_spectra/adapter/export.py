@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .._io import atomic_directory, atomic_write_text
+from .._io import atomic_directory, atomic_write_text, check_writable_location
 from .._text import count_noun
 from ..errors import AdapterError, LamdaWarning
 from .apply import replace_module
@@ -136,6 +136,7 @@ def export_peft(
         AdapterError: if ``model`` has no adapters, ``modules_to_save`` is a string or has an
             entry that is not a module of ``model`` or overlaps an adapted module, or PEFT would
             match a module name to the wrong module. Nothing is written then.
+        LamdaError: if ``path`` is a file or cannot be written.
     """
     handle, prefix = find_handle(model)
     if isinstance(modules_to_save, str):
@@ -146,6 +147,7 @@ def export_peft(
     problems += peft_name_problems(model, list(targets))
     if problems:
         raise AdapterError(f"cannot export to PEFT ({count_noun(len(problems), 'problem')}): " + "; ".join(problems))
+    check_writable_location(path, kind="folder")  # fail before warning about what would be left out
     warn_unsaved_trainable(model, list(targets), saved)
 
     tensors = module_state_tensors(model, saved, PEFT_PREFIX)

@@ -28,7 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .._io import atomic_directory, atomic_write_text
+from .._io import atomic_directory, atomic_write_text, check_writable_location
 from .._text import count_noun
 from ..errors import AdapterError, LamdaWarning, PlanError
 from ..plan import Plan
@@ -72,6 +72,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, modules_to_save: 
     handle, prefix = find_handle(model)
     modules_to_save = list(modules_to_save or [])
     tensors = module_state_tensors(model, modules_to_save, SAVED_MODULE_PREFIX)
+    check_writable_location(path, kind="folder")  # fail before warning about what would be left out
     _warn_unsaved_trainable(model, [full_name(prefix, name) for name in handle.modules], modules_to_save)
     modules = {}
     for name, layer in handle.modules.items():
