@@ -383,7 +383,8 @@ def load_plan(path: str | Path) -> Plan:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         raise PlanError(
-            f"plan file {path} is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}"
+            f"plan file {path} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg}); "
+            "regenerate it with lamda-plan"
         ) from err
     problems = _document_problems(data)
     if problems:

@@ -289,7 +289,7 @@ def test_load_not_json(tmp_path):
     path = tmp_path / "plan.json"
     path.write_text('{"format": ')
 
-    with pytest.raises(PlanError, match=f"plan file {path} is not valid JSON: Expecting value at line 1 column 12"):
+    with pytest.raises(PlanError, match=rf"plan file {path} is not valid JSON \(line 1, column 12: Expecting value\); regenerate it with lamda-plan"):
         load_plan(path)
 
 

@@ -306,7 +306,7 @@ def test_truncated_spectra_csv_named(tmp_path, bert_inputs):
 
 def test_missing_module_spectra(tmp_path, bert_inputs):
     plan, spectra = bert_inputs
-    with pytest.raises(ReportError, match=r"has no spectrum for 1 planned modules \(for example pooler.dense\)"):
+    with pytest.raises(ReportError, match=r"has no spectrum for 1 planned module \(for example pooler.dense\); pass the spectra.csv"):
         report(plan, spectra.iloc[:-1], tmp_path / "out")
 
 

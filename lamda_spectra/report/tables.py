@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pandas as pd
 
+from .._text import count_noun
 from ..errors import LamdaError, LamdaWarning, ReportError
 from ..plan import Plan, load_plan
 from ..scan import SPECTRA_COLUMNS, read_spectra_csv
@@ -109,7 +110,10 @@ def check_same_weights(plan: Plan, spectra: pd.DataFrame, origin: str) -> None:
     missing = [name for name in plan.modules if name not in set(spectra["module"])]
     if missing:
         sample = ", ".join(missing[:3])
-        raise ReportError(f"{origin} has no spectrum for {len(missing)} planned modules (for example {sample})")
+        raise ReportError(
+            f"{origin} has no spectrum for {count_noun(len(missing), 'planned module')} (for example {sample}); "
+            "pass the spectra.csv written with this plan, or rerun lamda-plan"
+        )
 
 
 def warn_if_other_weights(plan_a: Plan, plan_b: Plan, label_a: str, label_b: str) -> None:
