@@ -196,6 +196,8 @@ def peft_name_problems(model: nn.Module, targets: list[str]) -> list[str]:
     ``"." + target``. Either can pick the wrong module when one full name is a suffix of another.
     """
     problems = []
+    # NOTE: names are used as regular expressions, as PEFT uses them; a module name with regex
+    # characters (possible only through ModuleDict keys) raises re.error here.
     for name in targets:
         first = next((key for key in targets if re.match(rf"(.*\.)?({key})$", name)), None)
         if first != name:
