@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -213,31 +212,10 @@ class SetUp:
         return time.perf_counter() - start
 
 
-def reset_peak_rss() -> bool:
-    """Reset the process's peak RSS (Linux only); return whether that worked."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
-
-
-def peak_rss_bytes() -> int:
-    """Return the process's peak RSS: VmHWM on Linux, else ``ru_maxrss``."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    # ru_maxrss is in KiB on Linux and in bytes on macOS; this branch is taken off Linux.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
 def measure_memory(workload: Workload, method: str, plan_path: Path) -> dict:
     """Count trainable parameters, saved activation bytes, optimizer state and peak RSS of one set-up."""
     setup = SetUp(workload, method, plan_path)
-    peak_reset = reset_peak_rss()
+    peak_reset = _common.reset_peak_rss()
     activation_bytes, loss = saved_activation_bytes(setup.model, setup.loss)
     loss.backward()
     setup.optimizer.zero_grad(set_to_none=True)
@@ -252,7 +230,7 @@ def measure_memory(workload: Workload, method: str, plan_path: Path) -> dict:
         "trainable_params": sum(p.numel() for p in setup.model.parameters() if p.requires_grad),
         "optimizer_state_bytes": optimizer_state_bytes(setup.optimizer),
         "saved_activation_bytes": activation_bytes,
-        "peak_rss_bytes": peak_rss_bytes(),
+        "peak_rss_bytes": _common.peak_rss_bytes(),
         "peak_rss_covers": "training" if peak_reset else "process",
     }
 

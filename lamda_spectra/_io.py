@@ -106,8 +106,8 @@ def check_writable_location(path: str | os.PathLike, *, kind: Literal["file", "f
     Commands call this before a scan so that a bad output path fails at once. Creating a file
     is the test, not :func:`os.access`: for root, ``os.access`` ignores the mode bits, and
     pseudo-filesystems such as ``/proc`` and ``/sys`` reject new files that ``os.access``
-    allows. The test file is unnamed (``O_TMPFILE`` on Linux) or removed at once, so nothing is
-    left behind.
+    allows. The test file comes from :func:`tempfile.TemporaryFile`, which is unnamed on Linux
+    (``O_TMPFILE``) and deleted on close elsewhere, so nothing is left behind.
 
     Args:
         path: the file or folder that the command will write; it may not exist yet.

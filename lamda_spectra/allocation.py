@@ -338,7 +338,7 @@ class _Limits:
     max_rank: int
     max_rank_origin: str  # why max_rank has its value when the caller gave none, else ""
     max_rank_binds: bool  # max_rank is below some module's min(d_out, d_in)
-    zero_modules: int  # all-zero weights, held at the minimum rank
+    zero_modules: int  # number of all-zero weights, which keep the minimum rank
 
 
 def _budget_target(budget: Budget, n: int, step: int, low: np.ndarray, high: np.ndarray, limits: _Limits) -> int:
@@ -383,8 +383,8 @@ def _infeasible_budget(
         cap = f"max_rank {limits.max_rank}{limits.max_rank_origin} or min(d_out, d_in), whichever is smaller"
         fix = " or raise max_rank"
     if limits.zero_modules:
-        such = count_noun(limits.zero_modules, "such module")
-        cap += f", except that a module with an all-zero weight keeps the minimum rank ({such})"
+        zero = count_noun(limits.zero_modules, "module")
+        cap += f", except that modules with an all-zero weight keep the minimum rank ({zero})"
     largest = _budget_text(budget, highest, n)
     return UsageError(
         f"budget {budget.text} is infeasible for {modules}: the largest feasible budget is {largest}, "

@@ -28,8 +28,8 @@ from .errors import LamdaError, UsageError
 
 logger = logging.getLogger(__name__)
 
-# Copies of allocation.STRATEGIES' keys and scan.DEFAULT_TOP_K, which would import numpy and
-# torch just to print --help; tests/test_cli.py checks that the copies match.
+# Copies of allocation.STRATEGIES' keys and scan.DEFAULT_TOP_K, because importing those modules
+# loads numpy and torch just to print --help. tests/test_cli.py checks that the copies match.
 STRATEGY_NAMES = ("energy", "uniform", "waterfill")
 DEFAULT_TOP_K = 64
 
@@ -286,7 +286,7 @@ def _report_command(args: argparse.Namespace) -> int:
             written = compare(*args.compare, out_dir)
         else:
             written = report(args.plan, args.spectra or args.plan.with_name("spectra.csv"), out_dir)
-    except OSError as err:  # a full disk or a quota, after the checks on the folder passed
+    except OSError as err:  # A full disk or an exceeded quota can still fail the writes.
         raise LamdaError(
             f"cannot write the report into {out_dir}: {err.strerror or err}; nothing was written, "
             "free some space or choose another output folder"
@@ -485,7 +485,7 @@ def _write_outputs(outputs: OutputPaths, result, spectra) -> dict[str, str]:
                 from .report import report as write_report
 
                 write_report(result, spectra, staged.folder(outputs.report_dir))
-    except OSError as err:  # a full disk or a quota, after the up-front checks passed
+    except OSError as err:  # A full disk or an exceeded quota can still fail the writes.
         raise LamdaError(
             f"cannot write the outputs beside {outputs.plan}: {err.strerror or err}; nothing was written, "
             "free some space or choose another output path"

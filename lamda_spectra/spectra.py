@@ -304,12 +304,14 @@ def _small_lapack(matrix: torch.Tensor):
     """Run a dense decomposition of a small CPU matrix on one thread.
 
     LAPACK's reductions of small matrices are sequences of short parallel loops, each ending in
-    a barrier. When another process runs on one of the cores, every barrier waits for a descheduled
-    thread (a 384 x 384 ``eigvalsh`` with 2 threads took 0.01-0.9 s under such load). Measured
-    on the 2-core machine, one run each: idle, the MiniLM scan took 0.38 s instead of 0.45 s and
-    one 7B-shaped block 8.9 s either way; next to another torch process doing small
-    decompositions, 1.4-1.7 s instead of 1.7-2.0 s and 28 s instead of 43 s. Next to two
-    busy loops the block took 38 s against 30 s, within that load's noise.
+    a barrier. When another process runs on one of the cores, every barrier waits for a thread
+    that is not scheduled: a 384 x 384 ``eigvalsh`` with 2 threads took 0.01-0.9 s under such load.
+
+    One-off measurements on a 2-core machine (ad-hoc scripts, one run each, so estimates):
+    idle, the MiniLM scan took 0.38 s with one thread and 0.45 s with two, and one 7B-shaped
+    block took 8.9 s either way. Next to another torch process doing small decompositions, the
+    figures were 1.4-1.7 s against 1.7-2.0 s, and 28 s against 43 s. Next to two busy loops the
+    block took 38 s against 30 s, which is within that load's noise.
     """
     if matrix.device.type != "cpu" or min(matrix.shape) > GRAM_MAX_DIM:
         yield

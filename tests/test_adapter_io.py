@@ -137,7 +137,7 @@ def test_save_warns_about_unsaved_trainable_module(tmp_path):
 
 
 @pytest.mark.parametrize("write", [save_adapter, export_peft])
-def test_write_to_a_file_fails_before_warning(tmp_path, write):
+def test_write_to_file_fails_first(tmp_path, write):
     model = TwoLayer()
     apply_plan(model, plan_for(model, 2, names=["up", "square"]), total_steps=10)
     model.down.requires_grad_(True)  # would be warned about if the write went ahead

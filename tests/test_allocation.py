@@ -424,7 +424,7 @@ def test_zero_weight_not_counted_in_feasible_range():
 
     with pytest.raises(
         UsageError,
-        match=r"largest feasible budget is 9, because .* an all-zero weight keeps the minimum rank \(1 such module\)",
+        match=r"largest feasible budget is 9, because .* modules with an all-zero weight keep the minimum rank \(1 module\)",
     ):
         allocate(normalized, [64, 64], "12", "energy", max_rank=8)
 

@@ -49,14 +49,15 @@ def test_common_child_peak_rss(monkeypatch):
 
 def test_common_child_rss_excludes_parent(monkeypatch):
     common = load_script("_common", monkeypatch)
-    held = bytearray(400 * 2**20)
-    held[::4096] = b"x" * len(held[::4096])  # touch every page so the parent's RSS really grows
+    parent_memory = bytearray(400 * 2**20)
+    # Write to every page so that the parent's RSS really grows.
+    parent_memory[::4096] = b"x" * len(parent_memory[::4096])
     command = [sys.executable, "-c", "pass"]
 
     child = common.run_child(command).check(command)
 
     assert child.peak_rss_bytes < 100 * 2**20
-    del held
+    del parent_memory
 
 
 def test_common_child_exit_code(monkeypatch):

@@ -147,7 +147,8 @@ def export_peft(
     problems += peft_name_problems(model, list(targets))
     if problems:
         raise AdapterError(f"cannot export to PEFT ({count_noun(len(problems), 'problem')}): " + "; ".join(problems))
-    check_writable_location(path, kind="folder")  # fail before warning about what would be left out
+    # Check the folder first, so that a bad path raises before any warning about left-out parameters.
+    check_writable_location(path, kind="folder")
     warn_unsaved_trainable(model, list(targets), saved)
 
     tensors = module_state_tensors(model, saved, PEFT_PREFIX)

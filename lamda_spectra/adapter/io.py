@@ -72,7 +72,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, modules_to_save: 
     handle, prefix = find_handle(model)
     modules_to_save = list(modules_to_save or [])
     tensors = module_state_tensors(model, modules_to_save, SAVED_MODULE_PREFIX)
-    check_writable_location(path, kind="folder")  # fail before warning about what would be left out
+    # Check the folder first, so that a bad path raises before any warning about left-out parameters.
+    check_writable_location(path, kind="folder")
     _warn_unsaved_trainable(model, [full_name(prefix, name) for name in handle.modules], modules_to_save)
     modules = {}
     for name, layer in handle.modules.items():
